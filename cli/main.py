@@ -1,0 +1,235 @@
+"""The `featcache` command: parse options, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from featcache.errors import FeatcacheError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Extract CLIP features once; adapt and evaluate few-shot methods on the cache in seconds.",
+)
+
+CACHE_HELP = "Cache folder (default: $FEATCACHE_HOME or ~/.cache/featcache)."
+
+
+@contextmanager
+def _user_errors():
+    """Every expected failure ends as one line on stderr and a non-zero exit code."""
+    try:
+        yield
+    except FeatcacheError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished batches are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def extract(
+    dataset: str | None = typer.Option(None, help="Dataset id (see `featcache datasets`)."),
+    backbone: str = typer.Option(..., help="ARCH/TAG, ARCH/random, ARCH/CHECKPOINT, hf-hub:ORG/REPO or local-dir:DIR."),
+    manifest: Path | None = typer.Option(None, help="Your own dataset manifest (JSON) instead of --dataset."),
+    data_root: Path | None = typer.Option(
+        None, help="Folder holding the datasets (default: $FEATCACHE_DATA or ~/data)."
+    ),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    splits: list[str] | None = typer.Option(None, "--splits", help="Splits to extract (repeat); default: all."),
+    split_scheme: str | None = typer.Option(None, help="coop (CoOp split files), official (torchvision) ..."),
+    batch_size: int = typer.Option(128, help="Images per forward pass."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes (default: CPU count, at most 8)."),
+    download: bool = typer.Option(False, "--download", help="Fetch what the manifest can download first."),
+    augment_views: int = typer.Option(0, help="Extra random-resized-crop + flip views per training image."),
+    augment_seed: int = typer.Option(0, help="Seed of the augmented views."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and record them in the store."),
+    dtype: str = typer.Option("float16", help="Storage dtype of image features: float16 or float32."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("auto", help="auto (fp16 on cuda, else fp32), fp32, bf16, fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a store made with other settings."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Run a frozen open_clip model once over a dataset and cache unit-norm image and class-text features."""
+    from featcache.extract import extract as run
+    from featcache.store import Store
+
+    with _user_errors():
+        if (dataset is None) == (manifest is None):
+            raise FeatcacheError("give exactly one of --dataset NAME or --manifest FILE")
+        path = run(
+            manifest if manifest is not None else dataset, backbone, data_root=data_root, cache_dir=cache_dir,
+            splits=splits, split_scheme=split_scheme, batch_size=batch_size, workers=workers,
+            download_data=download, augment_views=augment_views, augment_seed=augment_seed, skip_bad=skip_bad,
+            dtype=dtype, device=device, precision=precision, overwrite=overwrite, progress=not quiet,
+        )  # fmt: skip
+        with Store.open(path) as st:
+            _print_summary(st.summary())
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(
+        ..., help="An .npz with train_features, train_labels, text_features, classnames (+ optional val_*/test_*)."
+    ),
+    name: str = typer.Option(..., help="Name to address the store by (fit --name NAME)."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    backbone: str = typer.Option("unknown", help="Label of the model that made the features (recorded)."),
+    dtype: str = typer.Option("float16", help="Storage dtype: float16 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store with the same name."),
+) -> None:
+    """Import features made elsewhere from an .npz (they are normalised on import)."""
+    from featcache.importers import import_npz
+    from featcache.store import Store
+
+    with _user_errors():
+        path = import_npz(file, name, cache_dir=cache_dir, backbone=backbone, dtype=dtype, overwrite=overwrite)
+        with Store.open(path) as st:
+            _print_summary(st.summary())
+
+
+@app.command("import-tip")
+def import_tip(
+    folder: Path = typer.Argument(..., help="Tip-Adapter cache folder (keys_{K}shots.pt, values_{K}shots.pt, ...)."),
+    name: str = typer.Option(..., help="Name to address the store by."),
+    classnames: Path = typer.Option(..., help="Class names: one per line, or a JSON list."),
+    text_features: Path = typer.Option(..., help="Class text features .npy or .pt, [C, D] or Tip-Adapter's [D, C]."),
+    shots: int | None = typer.Option(None, help="Which keys_{K}shots.pt to use when several exist."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    backbone: str = typer.Option("unknown", help="Label of the model that made the features (recorded)."),
+    dtype: str = typer.Option("float16", help="Storage dtype: float16 or float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store with the same name."),
+) -> None:
+    """Import a Tip-Adapter cache folder (GPU-saved .pt files load on a CPU-only machine)."""
+    from featcache.importers import import_tip as run
+    from featcache.store import Store
+
+    with _user_errors():
+        path = run(folder, name, classnames, text_features, shots=shots, cache_dir=cache_dir,
+                   backbone=backbone, dtype=dtype, overwrite=overwrite)  # fmt: skip
+        with Store.open(path) as st:
+            _print_summary(st.summary())
+
+
+@app.command("ls")
+def ls(cache_dir: Path | None = typer.Option(None, help=CACHE_HELP)) -> None:
+    """List the stores in the cache folder: backbone, dataset, splits and counts, size on disk."""
+    import pandas as pd
+
+    from featcache.store import Store, default_cache_dir
+
+    with _user_errors():
+        root = (cache_dir or default_cache_dir()).expanduser()
+        rows = []
+        for p in sorted(root.rglob("*.h5")) + sorted(root.rglob("*.h5.partial")):
+            size = round(p.stat().st_size / 2**20, 1)
+            if p.suffix == ".partial":
+                rows.append({"backbone": "?", "dataset": p.name, "scheme": "", "splits": "unfinished: rerun extract",
+                             "MB": size})  # fmt: skip
+                continue
+            try:
+                with Store.open(p) as st:
+                    s = st.summary()
+                rows.append({
+                    "backbone": s["backbone"], "dataset": s["dataset"], "scheme": s["split_scheme"],
+                    "splits": " ".join(f"{k}={v}" for k, v in s["splits"].items()), "MB": size,
+                })  # fmt: skip
+            except FeatcacheError as e:
+                rows.append(
+                    {"backbone": "?", "dataset": p.name, "scheme": "", "splits": f"unreadable: {e}", "MB": size}
+                )
+        if not rows:
+            typer.echo(f"no stores in {root}")
+            return
+        typer.echo(f"stores in {root}:")
+        typer.echo(pd.DataFrame(rows).to_string(index=False))
+
+
+@app.command()
+def info(file: Path = typer.Argument(..., help="A store (.h5).")) -> None:
+    """Print a store's full fingerprint, splits, templates and skipped items."""
+    from featcache.store import Store
+
+    with _user_errors():
+        with Store.open(file) as st:
+            s = st.summary()
+            s["templates"] = st.templates
+            s["classnames"] = st.classnames
+            s["skipped"] = {sp: st.skipped(sp) for sp in st.splits if st.skipped(sp)}
+        typer.echo(json.dumps(s, indent=2))
+
+
+@app.command()
+def datasets() -> None:
+    """List the bundled dataset manifests with their split schemes and expected counts."""
+    import pandas as pd
+
+    from featcache.manifests import list_datasets, load_manifest
+
+    with _user_errors():
+        rows = []
+        for d in list_datasets():
+            m = load_manifest(d)
+            for s in m.schemes.values():
+                rows.append({
+                    "dataset": m.id, "classes": len(m.classnames),
+                    "scheme": s.name + (" (default)" if s.name == m.default_scheme else ""),
+                    "counts": " ".join(f"{k}={v}" for k, v in s.counts.items()),
+                    "download": "bundled" if s.source["kind"] == "sklearn_digits" else ("yes" if s.download else "by hand"),
+                })  # fmt: skip
+        typer.echo(pd.DataFrame(rows).to_string(index=False))
+
+
+@app.command()
+def backbones(
+    arch: str | None = typer.Argument(None, help="Only ids whose architecture contains this text."),
+) -> None:
+    """List ARCH/TAG ids open_clip knows (plus ARCH/random for any architecture, and featcache-tiny/random)."""
+    from featcache.backbones import _open_clip
+
+    open_clip = _open_clip()
+    ids = [f"{a}/{t}" for a, t in open_clip.list_pretrained()] + ["featcache-tiny/random"]
+    for i in ids:
+        if arch is None or arch.lower() in i.lower():
+            typer.echo(i)
+
+
+@app.command()
+def demo(
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    workers: int = typer.Option(0, help="DataLoader workers (0: decode in the main process)."),
+) -> None:
+    """Offline end-to-end run: extract scikit-learn's digits through a tiny random-weight CLIP and summarise it."""
+    from featcache.demo import run_demo
+
+    with _user_errors():
+        run_demo(cache_dir=cache_dir, workers=workers, echo=typer.echo)
+
+
+def _print_summary(s: dict) -> None:
+    typer.echo(f"store: {s['path']}")
+    typer.echo(f"  backbone {s['backbone']} ({s['weights']}), dataset {s['dataset']} ({s['split_scheme']}), "
+               f"{s['classes']} classes, D={s['dim']}, {s['dtype']}, {s['size_mb']} MB")  # fmt: skip
+    for k, v in s["splits"].items():
+        extra = ""
+        if k in s.get("augment_views", {}):
+            extra += f" + {s['augment_views'][k]} augmented views each"
+        if k in s.get("skipped", {}):
+            extra += f" ({s['skipped'][k]} skipped, see `featcache info`)"
+        typer.echo(f"  {k:<5} {v:>8} rows{extra}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()
