@@ -39,9 +39,7 @@ def extract(
     dataset: str | None = typer.Option(None, help="Dataset id (see `featcache datasets`)."),
     backbone: str = typer.Option(..., help="ARCH/TAG, ARCH/random, ARCH/CHECKPOINT, hf-hub:ORG/REPO or local-dir:DIR."),
     manifest: Path | None = typer.Option(None, help="Your own dataset manifest (JSON) instead of --dataset."),
-    data_root: Path | None = typer.Option(
-        None, help="Folder holding the datasets (default: $FEATCACHE_DATA or ~/data)."
-    ),
+    data_root: Path | None = typer.Option(None, help="Datasets folder (default: $FEATCACHE_DATA or ~/data)."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     splits: list[str] | None = typer.Option(None, "--splits", help="Splits to extract (repeat); default: all."),
     split_scheme: str | None = typer.Option(None, help="coop (CoOp split files), official (torchvision) ..."),
@@ -182,7 +180,7 @@ def datasets() -> None:
                     "dataset": m.id, "classes": len(m.classnames),
                     "scheme": s.name + (" (default)" if s.name == m.default_scheme else ""),
                     "counts": " ".join(f"{k}={v}" for k, v in s.counts.items()),
-                    "download": "bundled" if s.source["kind"] == "sklearn_digits" else ("yes" if s.download else "by hand"),
+                    "download": "bundled" if s.source["kind"] == "sklearn_digits" else "yes" if s.download else "no",
                 })  # fmt: skip
         typer.echo(pd.DataFrame(rows).to_string(index=False))
 

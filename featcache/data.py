@@ -197,7 +197,8 @@ def _torchvision(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> 
     try:
         ds = cls(root=str(root / src["root"]), download=False, **kwargs)
     except (RuntimeError, FileNotFoundError, OSError) as e:
-        raise _missing(manifest, scheme, f"torchvision.{src['class']} found no data under {root / src['root']} ({e})")
+        what = f"torchvision.{src['class']} found no data under {root / src['root']} ({e})"
+        raise _missing(manifest, scheme, what) from e
     targets = _targets(ds)
     files = getattr(ds, "_image_files", None)
     if files is not None and len(files) == len(targets):

@@ -27,8 +27,10 @@ def run_demo(cache_dir: str | Path | None = None, workers: int = 0, echo: Callab
     with Store.open(path) as st:
         s = st.summary()
     echo(f"\nstore ready in {secs:.1f} s: {s['path']} ({s['size_mb']} MB)")
-    echo(f"  fingerprint: backbone={s['backbone']} weights_sha256={s['weights_sha256'][:12]} "
-         f"dataset={s['dataset']}/{s['split_scheme']} dtype={s['dtype']} featcache={s['featcache_version']}")  # fmt: skip
+    echo(
+        f"  fingerprint: backbone={s['backbone']} weights_sha256={s['weights_sha256'][:12]} "
+        f"dataset={s['dataset']}/{s['split_scheme']} dtype={s['dtype']} featcache={s['featcache_version']}"
+    )
     echo(f"  {s['classes']} classes, D={s['dim']}, {s['templates']} prompt templates")
     for k, v in s["splits"].items():
         echo(f"  {k:<5} {v:>6} rows")

@@ -156,7 +156,7 @@ def _extract_split(writer, bb, split_items, batch_size, workers, views, aug_seed
                     aug = bb.encode_images(v.flatten(0, 1)).view(v.shape[0], v.shape[1], -1)
             good = [todo[p] for p in batch["pos"]]
             skipped = [(todo[p].id, err) for p, err in batch["bad"]]
-            for item_id, err in skipped:
+            for _, err in skipped:
                 log.warning("skipped %s", err)
             writer.write_batch(
                 split, batch["n"], feats, [it.label for it in good], [it.id for it in good], aug, skipped
