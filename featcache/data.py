@@ -7,6 +7,7 @@ CoOp/Dassl. Nothing here knows about protocols; it only lists and decodes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -194,15 +195,18 @@ def _torchvision(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> 
     if cls is None:
         raise DataError(f"this torchvision has no dataset class {src['class']}; upgrade torchvision")
     kwargs = {**src.get("kwargs", {}), **src["splits"][split]}
+    ds_root = root / kwargs.pop("root", src["root"])
+    if "download" in inspect.signature(cls).parameters:
+        kwargs["download"] = False
     try:
-        ds = cls(root=str(root / src["root"]), download=False, **kwargs)
+        ds = cls(root=str(ds_root), **kwargs)
     except (RuntimeError, FileNotFoundError, OSError) as e:
-        what = f"torchvision.{src['class']} found no data under {root / src['root']} ({e})"
+        what = f"torchvision.{src['class']} found no data under {ds_root} ({e})"
         raise _missing(manifest, scheme, what) from e
     targets = _targets(ds)
     files = getattr(ds, "_image_files", None)
     if files is not None and len(files) == len(targets):
-        ids = [os.path.relpath(str(f), root / src["root"]) for f in files]
+        ids = [os.path.relpath(str(f), ds_root) for f in files]
     else:
         ids = [f"{split}/{i}" for i in range(len(targets))]
     items = [Item(ids[i], int(t), i) for i, t in enumerate(targets)]

@@ -1,0 +1,76 @@
+"""Shared fixtures: the tiny random-init backbone, a digits store, and small image datasets written to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = "featcache-tiny/random"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from featcache.backbones import load_backbone
+
+    return load_backbone(TINY, device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory, tiny) -> Path:
+    """The digits dataset extracted once through the tiny backbone (all three splits)."""
+    from featcache.extract import extract
+
+    cache = tmp_path_factory.mktemp("cache")
+    return extract("digits", tiny, cache_dir=cache, workers=0, batch_size=256, progress=False)
+
+
+def write_images(root: Path, n_per_class: int, classes: list[str], size=(40, 30), seed=0) -> list[str]:
+    """Random RGB PNGs under root/<class>/<i>.png; returns the relative paths in class, then index order."""
+    rng = np.random.default_rng(seed)
+    rel = []
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i:03d}.png")
+            rel.append(f"{c}/{i:03d}.png")
+    return rel
+
+
+def folder_manifest(image_dir: str, classes: list[str], counts: dict[str, int] | None = None) -> dict:
+    """A user manifest for DATA_ROOT/<image_dir>/{train,test}/<class>/<file>."""
+    return {
+        "id": "toyfolder",
+        "name": "toy folder",
+        "classnames": classes,
+        "template": "a photo of a {}.",
+        "templates": ["a photo of a {}.", "a drawing of a {}."],
+        "default_scheme": "folder",
+        "schemes": {
+            "folder": {
+                "source": {
+                    "kind": "image_folder",
+                    "image_dirs": [image_dir],
+                    "splits": {"train": "train", "test": "test"},
+                },
+                "counts": counts or {},
+                "instructions": "Put the images under DATA_ROOT/toy/{train,test}/<class>/.",
+            }
+        },
+    }
+
+
+@pytest.fixture
+def toy_folder(tmp_path) -> tuple[Path, Path]:
+    """(data_root, manifest path) for a 3-class image folder dataset: 4 train and 2 test images per class."""
+    classes = ["cat", "dog", "red fox"]
+    data = tmp_path / "data"
+    write_images(data / "toy" / "train", 4, classes, seed=1)
+    write_images(data / "toy" / "test", 2, classes, seed=2)
+    mpath = tmp_path / "toy.json"
+    mpath.write_text(json.dumps(folder_manifest("toy", classes, {"train": 12, "test": 6})))
+    return data, mpath
