@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import os
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,19 +82,22 @@ def download(manifest: Manifest, scheme: Scheme, data_root: Path) -> None:
                 cls(root=str(root), download=True, **kwargs)
             except Exception as e:
                 raise DataError(f"download of {manifest.id} via torchvision.{dl['class']} failed: {e}") from e
-    from torchvision.datasets.utils import download_file_from_google_drive, download_url
-
     for f in dl.get("files", []):
         target = data_root / f["path"]
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".download")
         try:
             if "gdrive_id" in f:
-                download_file_from_google_drive(f["gdrive_id"], str(target.parent), target.name)
+                from torchvision.datasets.utils import download_file_from_google_drive
+
+                download_file_from_google_drive(f["gdrive_id"], str(tmp.parent), tmp.name)
             else:
-                download_url(f["url"], str(target.parent), target.name)
+                urllib.request.urlretrieve(f["url"], tmp)
+            os.replace(tmp, target)  # never a half-downloaded file under the real name
         except Exception as e:
+            tmp.unlink(missing_ok=True)
             raise DataError(f"could not download {target.name} for {manifest.id}: {e}; fetch it by hand") from e
 
 

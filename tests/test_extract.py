@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -265,3 +266,38 @@ def test_float32_storage(tmp_path, tiny):
     with Store.open(p) as st:
         assert st.fingerprint["dtype"] == "float32"
         torch.testing.assert_close(st.split("val").features.norm(dim=-1), torch.ones(360))
+
+
+def test_download_runs_torchvision_and_fetches_files(tmp_path, monkeypatch, tiny):
+    """--download constructs the manifest's torchvision class with download=True and fetches listed files."""
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    class FakeTV:
+        def __init__(self, root, download=False, **kw):
+            calls.append((root, download, kw))
+            write_images(Path(root) / "imgs", 2, ["a", "b"])
+
+    monkeypatch.setattr(tvd, "FakeTV", FakeTV, raising=False)
+    split_src = tmp_path / "published_split.json"
+    rel = ["a/000.png", "b/001.png", "a/001.png"]
+    split_src.write_text(json.dumps({"train": [[r, int(r[0] == "b"), r[0]] for r in rel], "val": [], "test": []}))
+    raw = folder_manifest("x", ["a", "b"])
+    raw["schemes"] = {"coop": {
+        "source": {"kind": "split_json", "split_file": "fake/split.json", "image_dirs": ["fake/imgs"]},
+        "counts": {"train": 3},
+        "download": {"kind": "torchvision", "class": "FakeTV", "root": "fake", "calls": [{"split": "train"}],
+                     "files": [{"path": "fake/split.json", "url": split_src.as_uri()}]},
+    }}  # fmt: skip
+    raw["default_scheme"] = "coop"
+    data = tmp_path / "data"
+    p = extract(parse_manifest(raw), tiny, data_root=data, cache_dir=tmp_path / "c", splits=["train"],
+                download_data=True, workers=0, progress=False)  # fmt: skip
+    assert calls == [(str(data / "fake"), True, {"split": "train"})]
+    with Store.open(p) as st:
+        assert st.ids("train") == rel
+    raw["schemes"]["coop"]["download"]["files"][0] = {"path": "fake/other.json", "url": (tmp_path / "no").as_uri()}
+    with pytest.raises(DataError, match="could not download other.json for toyfolder.*fetch it by hand"):
+        extract(parse_manifest(raw), tiny, data_root=data, cache_dir=tmp_path / "c", download_data=True)
+    assert not (data / "fake" / "other.json").exists() and not (data / "fake" / "other.json.download").exists()
