@@ -146,6 +146,12 @@ def _split_json(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> S
     if img_dir is None:
         tried = ", ".join(str(root / d) for d in src["image_dirs"])
         raise _missing(manifest, scheme, f"images not found (looked for {first} under {tried})")
+    for p, lab, *rest in rows:  # the file's own class names must agree with the manifest's label order
+        if rest and 0 <= int(lab) < len(manifest.classnames) and rest[0] != manifest.classnames[int(lab)]:
+            raise DataError(
+                f"{sf}: item {p} has label {lab} named {rest[0]!r}, but the manifest names label {lab} "
+                f"{manifest.classnames[int(lab)]!r}; the split file does not belong to this manifest"
+            )
     items = [Item(str(p), int(lab), str(img_dir / p)) for p, lab, *_ in rows]
     return SplitItems(split, items)
 

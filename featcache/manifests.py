@@ -127,9 +127,11 @@ def parse_manifest(raw: Any, where: str = "<manifest>") -> Manifest:
     names = raw["classnames"]
     if not isinstance(names, list) or not names or not all(isinstance(c, str) and c for c in names):
         raise bad("classnames", "must be a non-empty list of non-empty strings")
-    if len(set(names)) != len(names):
+    if not isinstance(raw.get("allow_duplicate_classnames", False), bool):
+        raise bad("allow_duplicate_classnames", "must be true or false")
+    if len(set(names)) != len(names) and not raw.get("allow_duplicate_classnames", False):
         dup = next(c for c in names if names.count(c) > 1)
-        raise bad("classnames", f"has a duplicate class name {dup!r}")
+        raise bad("classnames", f"has a duplicate class name {dup!r} (set allow_duplicate_classnames if intended)")
     if raw["template"].count("{}") != 1:
         raise bad("template", "must contain exactly one '{}'")
     temps = raw["templates"]

@@ -301,3 +301,15 @@ def test_download_runs_torchvision_and_fetches_files(tmp_path, monkeypatch, tiny
     with pytest.raises(DataError, match="could not download other.json for toyfolder.*fetch it by hand"):
         extract(parse_manifest(raw), tiny, data_root=data, cache_dir=tmp_path / "c", download_data=True)
     assert not (data / "fake" / "other.json").exists() and not (data / "fake" / "other.json.download").exists()
+
+
+def test_split_file_class_names_must_match_manifest(tmp_path, tiny):
+    data = tmp_path / "data"
+    rel = write_images(data / "toy" / "images", 1, ["a", "b"])
+    (data / "toy" / "s.json").write_text(json.dumps({"train": [[rel[0], 0, "b"], [rel[1], 1, "a"]]}))
+    raw = folder_manifest("toy", ["a", "b"])
+    raw["schemes"] = {"c": {"source": {"kind": "split_json", "split_file": "toy/s.json", "image_dirs": ["toy/images"]},
+                            "counts": {"train": 2}}}  # fmt: skip
+    raw["default_scheme"] = "c"
+    with pytest.raises(DataError, match="has label 0 named 'b', but the manifest names label 0 'a'"):
+        extract(parse_manifest(raw), tiny, data_root=data, cache_dir=tmp_path, progress=False)

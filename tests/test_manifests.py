@@ -124,3 +124,13 @@ def test_hash_changes_with_content():
 def test_unknown_scheme_message():
     with pytest.raises(ManifestError, match="no split scheme 'coop'; choose one of: fixed"):
         load_manifest("digits").scheme("coop")
+
+
+def test_duplicates_only_when_declared():
+    raw = _digits_raw()
+    raw["classnames"] = ["a", "a"] + [str(i) for i in range(8)]
+    raw["allow_duplicate_classnames"] = True
+    assert parse_manifest(raw).classnames[:2] == ["a", "a"]
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    assert load_manifest("imagenet").classnames == list(IMAGENET_CLASSNAMES)  # CoOp's names, repeats included
