@@ -199,6 +199,112 @@ def backbones(
             typer.echo(i)
 
 
+def _parse_sets(sets: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise FeatcacheError(f"--set takes key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _print_record(rec) -> None:
+    m = rec.metrics
+    if rec.protocol == "base2novel":
+        novel = "n/a" if m["novel_acc"] is None else f"{m['novel_acc']:.2f}"
+        hm = "n/a" if m["hm"] is None else f"{m['hm']:.2f}"
+        scores = f"base {m['base_acc']:.2f}  novel {novel}  HM {hm}"
+    else:
+        scores = f"acc {m['acc']:.2f}"
+    where = rec.dataset if rec.eval_dataset is None else f"{rec.dataset} -> {rec.eval_dataset}"
+    typer.echo(f"{rec.method:<14} {where}  {rec.protocol} {rec.shots}-shot seed {rec.seed}:  {scores}")
+    if rec.eval_dataset is None:
+        typer.echo(
+            f"{'':<14} fit {rec.fit_seconds:.2f} s, {rec.trainable_params:,} trainable parameters, run {rec.run_id}"
+        )
+
+
+@app.command()
+def fit(
+    adapter: str = typer.Option(..., help="Method name (see `featcache methods`)."),
+    dataset: str | None = typer.Option(None, help="Dataset id of an extracted store."),
+    backbone: str | None = typer.Option(None, help="Backbone id of an extracted store."),
+    name: str | None = typer.Option(None, help="An imported store, instead of --dataset/--backbone."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    split_scheme: str | None = typer.Option(None, help="Split scheme of the store (default: the manifest's)."),
+    protocol: str = typer.Option("base2novel", help="base2novel or fewshot (all classes)."),
+    shots: int = typer.Option(16, help="Training images per class (Dassl's draw); 0 or less: all."),
+    seed: int = typer.Option(1, help="Seed of the few-shot draw and of training."),
+    lam: float | None = typer.Option(
+        None, "--lambda", help="mm-attn: weight on the adapter output (0.2 reproduces the published setup)."
+    ),
+    sets: list[str] | None = typer.Option(None, "--set", help="Method option key=value (repeat)."),
+    template: str | None = typer.Option(
+        None, help="Class text: the dataset's template (default), 'ensemble', or a stored template string."
+    ),  # fmt: skip
+    val_from: str = typer.Option("val", help="Validation rows: val (Dassl), train (unused train rows), none."),
+    allow_short_classes: bool = typer.Option(
+        False, "--allow-short-classes", help="Take whole classes that hold fewer than --shots rows."
+    ),  # fmt: skip
+    device: str = typer.Option("cpu", help="Device for the cached tensors and the method."),
+    results: Path | None = typer.Option(None, help="Append the result record to this JSONL file."),
+    save: Path | None = typer.Option(None, help="Save the fitted method (state.pt, run.json) in this folder."),
+) -> None:
+    """Fit an embedding-level method on a store under a protocol, print its metrics, record and save it."""
+    from featcache.api import fit_method
+
+    with _user_errors():
+        options = _parse_sets(sets)
+        if lam is not None:
+            options["lam"] = lam
+        run = fit_method(
+            adapter, dataset=dataset, backbone=backbone, name=name, cache_dir=cache_dir, split_scheme=split_scheme,
+            protocol=protocol, shots=shots, seed=seed, template=template, options=options, val_from=val_from,
+            allow_short_classes=allow_short_classes, device=device, results=results, save=save,
+        )  # fmt: skip
+        _print_record(run.record)
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Option(..., help="A folder saved by `featcache fit --save`."),
+    dataset: str | None = typer.Option(None, help="Target dataset (same backbone as the run)."),
+    backbone: str | None = typer.Option(None, help="Backbone id (default: the run's)."),
+    name: str | None = typer.Option(None, help="An imported target store."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    split_scheme: str | None = typer.Option(None, help="Split scheme of the target store."),
+    template: str | None = typer.Option(None, help="Class text template (default: the run's)."),
+    device: str = typer.Option("cpu", help="Device."),
+    results: Path | None = typer.Option(None, help="Append the result record to this JSONL file."),
+) -> None:
+    """Evaluate a saved method on another store's test split (cross-dataset, domain generalization)."""
+    from featcache.api import evaluate_run
+
+    with _user_errors():
+        rec = evaluate_run(run, dataset=dataset, backbone=backbone, name=name, cache_dir=cache_dir,
+                           split_scheme=split_scheme, template=template, device=device, results=results)  # fmt: skip
+        _print_record(rec)
+
+
+@app.command()
+def methods(method: str | None = typer.Argument(None, help="Show one method's options.")) -> None:
+    """List the methods, or one method's options with defaults and help."""
+    from featcache.adapters import config_help, create_adapter, list_adapters
+
+    with _user_errors():
+        if method is None:
+            for m in list_adapters():
+                a = create_adapter(m, dim=512)
+                kind = "gradient-trained" if a.trainable else "closed form"
+                doc = (sys.modules[type(a).__module__].__doc__ or "").strip().splitlines()[0]
+                typer.echo(f"{m:<14} {kind:<17} {doc}")
+            return
+        for key, default, text in config_help(method):
+            value = ",".join(map(str, default)) if isinstance(default, list) else default
+            typer.echo(f"  {key + '=' + str(value):<32} {text}")
+
+
 @app.command()
 def demo(
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),

@@ -74,3 +74,36 @@ def toy_folder(tmp_path) -> tuple[Path, Path]:
     mpath = tmp_path / "toy.json"
     mpath.write_text(json.dumps(folder_manifest("toy", classes, {"train": 12, "test": 6})))
     return data, mpath
+
+
+def synthetic_store(path: Path, classes: int = 10, dim: int = 32, per_class=(40, 10, 30), seed: int = 0,
+                    aug_views: int = 0) -> Path:  # fmt: skip
+    """A store with learnable structure: images cluster around class means; the class text is only weakly
+    aligned with them, so zero-shot is mediocre and fitted methods can do clearly better."""
+    import torch
+
+    from featcache.store import FINGERPRINT_FIELDS, StoreWriter
+
+    g = torch.Generator().manual_seed(seed)
+    n = torch.nn.functional.normalize
+    means = n(torch.randn(classes, dim, generator=g), dim=-1)
+    text = n(0.25 * means + 0.75 * n(torch.randn(classes, dim, generator=g), dim=-1), dim=-1)
+    fp = {k: "synthetic" for k in FINGERPRINT_FIELDS} | {"dtype": "float32", "dataset": "synthetic"}
+    w = StoreWriter(path, fp)
+    w.write_text([f"class {i}" for i in range(classes)], ["{}", "a {}"], torch.stack([text, text]))
+    for split, k in zip(("train", "val", "test"), per_class, strict=True):
+        labels = torch.arange(classes).repeat(k)  # interleaved: 0,1,2,...,0,1,2,... (first appearance order)
+        x = n(means[labels] + 0.8 * torch.randn(len(labels), dim, generator=g) / dim**0.5, dim=-1)
+        views = aug_views if split == "train" else 0
+        w.begin_split(split, len(labels), dim, views)
+        aug = None
+        if views:
+            aug = n(x[:, None] + 0.1 * torch.randn(len(labels), views, dim, generator=g), dim=-1)
+        w.write_batch(split, len(labels), x, labels, [f"{split}/{i}" for i in range(len(labels))], aug)
+        w.finish_split(split)
+    return w.finalize()
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Path:
+    return synthetic_store(tmp_path_factory.mktemp("synth") / "synthetic.h5")

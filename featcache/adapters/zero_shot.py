@@ -1,0 +1,23 @@
+"""Zero-shot CLIP: logits = 100 · v · tᵀ, with t from one template or the ensemble (chosen by --template)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Adapter, TrainConfig, register
+
+
+@dataclass
+class ZeroShotConfig(TrainConfig):
+    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)"})
+    epochs: int = field(default=0, metadata={"help": "nothing to train"})
+
+
+@register("zero-shot", ZeroShotConfig)
+class ZeroShot(Adapter):
+    trainable = False
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.config.logit_scale * images @ text.t()

@@ -1,0 +1,234 @@
+"""The Python API behind `featcache fit` and `featcache eval`: find a store, run a protocol, fit, evaluate,
+record, save. The CLI only parses options and calls these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import Adapter, MethodError, adapter_config, create_adapter
+from .adapters.base import _entry
+from .evaluate import accuracy, harmonic_mean
+from .extract import store_path
+from .importers import imported_path
+from .manifests import load_manifest
+from .protocols import Task, build_task, rows_sha256, target_eval_set
+from .results import Record, append_record
+from .store import Store, StoreError
+from .train import FitResult, fit
+
+DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def open_store(
+    dataset: str | None = None,
+    backbone: str | None = None,
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+    split_scheme: str | None = None,
+) -> Store:
+    """The store for (dataset, backbone[, scheme]) or an imported store by name, checked by fingerprint."""
+    if name is not None:
+        if dataset is not None or backbone is not None:
+            raise StoreError("give either --name (an imported store) or --dataset and --backbone, not both")
+        return Store.open(imported_path(name, cache_dir), expect={"split_scheme": "imported"})
+    if dataset is None or backbone is None:
+        raise StoreError("give --dataset and --backbone (or --name for an imported store)")
+    manifest = load_manifest(dataset)
+    scheme = manifest.scheme(split_scheme).name
+    path = store_path(cache_dir, backbone, manifest.id, scheme)
+    if not path.exists():
+        raise StoreError(
+            f"no store for {manifest.id} ({scheme}) with {backbone}; create it with: featcache extract "
+            f"--dataset {manifest.id} --backbone {backbone}" + (f" --split-scheme {scheme}" if split_scheme else "")
+            + (f" --cache-dir {cache_dir}" if cache_dir else "")
+        )  # fmt: skip
+    expect = {"featcache_version": __version__, "backbone": backbone, "dataset": manifest.id,
+              "manifest_sha256": manifest.sha256, "split_scheme": scheme}  # fmt: skip
+    return Store.open(path, expect=expect)
+
+
+def resolve_config(method: str, dataset: str, options: dict[str, Any] | None = None) -> Any:
+    """Method defaults, then the method's per-dataset defaults (Tip-Adapter's alpha/scales), then the user's."""
+    cls = _entry(method).config_cls
+    per_dataset = cls.dataset_defaults(dataset) if hasattr(cls, "dataset_defaults") else {}
+    return adapter_config(method, **{**per_dataset, **(options or {})})
+
+
+@dataclass
+class Run:
+    record: Record
+    adapter: Adapter
+    task: Task
+    fit: FitResult
+
+
+def fit_method(
+    method: str,
+    *,
+    dataset: str | None = None,
+    backbone: str | None = None,
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+    split_scheme: str | None = None,
+    protocol: str = "base2novel",
+    shots: int = 16,
+    seed: int = 1,
+    template: str | None = None,
+    options: dict[str, Any] | None = None,
+    val_from: str = "val",
+    allow_short_classes: bool = False,
+    device: str = "cpu",
+    results: str | Path | None = None,
+    save: str | Path | None = None,
+) -> Run:
+    """Fit one method under one protocol on one store, evaluate it, and return (and optionally append and
+    save) its record. Model selection only ever sees the few-shot val rows."""
+    store = open_store(dataset, backbone, name, cache_dir, split_scheme)
+    with store:
+        ds = store.fingerprint["dataset"]
+        cfg = resolve_config(method, ds, options)
+        adapter = create_adapter(method, cfg, dim=store.dim, seed=seed)
+        task = build_task(store, protocol, shots, seed, template, val_from, allow_short_classes, device)
+        result = fit(adapter, task.fit, seed)
+        metrics = _evaluate_task(adapter, task)
+        record = Record(
+            method=method, dataset=ds, backbone=store.fingerprint["backbone"], protocol=protocol, shots=shots,
+            seed=seed, metrics=metrics, fit_seconds=round(result.seconds, 4),
+            trainable_params=adapter.trainable_params(), config=dataclasses.asdict(cfg) | {"dim": store.dim},
+            store=store.fingerprint | {"path": str(store.path)},
+            sampled={"n_train": len(task.train_rows), "train_rows_sha256": rows_sha256(task.train_rows),
+                     "n_val": None if task.val_rows is None else len(task.val_rows),
+                     "val_rows_sha256": rows_sha256(task.val_rows), "val_from": val_from},
+            template=template,
+            fit={"epochs": result.epochs, "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc},
+        )  # fmt: skip
+        if results:
+            append_record(results, record)
+        if save:
+            save_run(save, adapter, record, task)
+    return Run(record, adapter, task, result)
+
+
+def _evaluate_task(adapter: Adapter, task: Task) -> dict[str, float | None]:
+    sets = task.eval_sets()  # the test split is read here, after fitting
+    if task.protocol == "base2novel":
+        b = sets["base"]
+        base = accuracy(adapter, b.x, b.y, b.text, b.class_ids)
+        n = sets["novel"]
+        novel = accuracy(adapter, n.x, n.y, n.text, n.class_ids) if adapter.class_agnostic else None
+        hm = harmonic_mean(base, novel)
+        return {"base_acc": _r(base), "novel_acc": _r(novel), "hm": _r(hm)}
+    a = sets["all"]
+    return {"acc": _r(accuracy(adapter, a.x, a.y, a.text, a.class_ids))}
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 4)
+
+
+def save_run(folder: str | Path, adapter: Adapter, record: Record, task: Task) -> Path:
+    """state.pt (a plain state dict: torch.load(weights_only=True) reads it), run.json, rows.json. Written to
+    temporary names and renamed, so a folder never holds a half-written run."""
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+    meta = {
+        "method": record.method, "config": record.config, "dim": record.config["dim"],
+        "train_classnames": task.fit.classnames, "dataset": record.dataset, "backbone": record.backbone,
+        "store": record.store, "template": record.template, "protocol": record.protocol, "shots": record.shots,
+        "seed": record.seed, "run_id": record.run_id, "metrics": record.metrics, "featcache_version": __version__,
+    }  # fmt: skip
+    rows = {"train_rows": task.train_rows, "val_rows": task.val_rows}
+    _atomic(folder / "state.pt", lambda p: torch.save(state, p))
+    _atomic(folder / "rows.json", lambda p: p.write_text(json.dumps(rows)))
+    _atomic(folder / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    return folder
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_run(folder: str | Path, device: str = "cpu") -> tuple[Adapter, dict[str, Any]]:
+    """Rebuild a saved method from run.json and state.pt."""
+    folder = Path(folder).expanduser()
+    if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
+        raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
+    meta = json.loads((folder / "run.json").read_text())
+    options = {k: v for k, v in meta["config"].items() if k != "dim"}
+    adapter = create_adapter(meta["method"], adapter_config(meta["method"], **options), dim=meta["dim"])
+    state = torch.load(folder / "state.pt", map_location=device, weights_only=True)
+    _load_state(adapter, state)
+    return adapter.to(device).eval(), meta
+
+
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict, after resizing tensors whose shape is set by fitting (cache keys, probe weights)."""
+    for key, t in state.items():
+        owner, _, attr = key.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        cur = getattr(sub, attr)
+        if cur.shape != t.shape:
+            if isinstance(cur, nn.Parameter):
+                setattr(sub, attr, nn.Parameter(torch.empty_like(t), requires_grad=cur.requires_grad))
+            else:
+                sub.register_buffer(attr, torch.empty_like(t))
+    module.load_state_dict(state)
+
+
+def evaluate_run(
+    run: str | Path,
+    *,
+    dataset: str | None = None,
+    backbone: str | None = None,
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+    split_scheme: str | None = None,
+    template: str | None = None,
+    device: str = "cpu",
+    results: str | Path | None = None,
+) -> Record:
+    """Evaluate a saved method on another store's test split (cross-dataset, domain generalization)."""
+    adapter, meta = load_run(run, device)
+    backbone = backbone or (meta["backbone"] if name is None else None)
+    store = open_store(dataset, backbone, name, cache_dir, split_scheme)
+    with store:
+        trained = meta["store"]
+        for key in ("backbone", "weights_sha256"):
+            if store.fingerprint[key] != trained[key]:
+                raise StoreError(
+                    f"run {run} was fitted on features of {trained['backbone']}, but {store.path.name} holds "
+                    f"features of {store.fingerprint['backbone']} ({key} differs); evaluate on a store of the same "
+                    "backbone"
+                )
+        ev = target_eval_set(store, meta["train_classnames"], template if template is not None else meta["template"],
+                             device)  # fmt: skip
+        if not adapter.class_agnostic and (ev.class_ids < 0).any():
+            raise MethodError(
+                f"'{meta['method']}' has weights for its {len(meta['train_classnames'])} training classes only and "
+                f"cannot score {store.fingerprint['dataset']}'s classes"
+            )
+        acc = accuracy(adapter, ev.x, ev.y, ev.text, ev.class_ids)
+        target = store.fingerprint["dataset"]
+        record = Record(
+            method=meta["method"], dataset=meta["dataset"], backbone=meta["backbone"],
+            protocol="dg" if target in DG_TARGETS else "xd", shots=meta["shots"], seed=meta["seed"],
+            metrics={"acc": _r(acc)}, fit_seconds=0.0, trainable_params=adapter.trainable_params(),
+            config=meta["config"], store=store.fingerprint | {"path": str(store.path)},
+            sampled={"from_run": meta["run_id"]}, template=template if template is not None else meta["template"],
+            eval_dataset=target,
+        )  # fmt: skip
+        if results:
+            append_record(results, record)
+    return record

@@ -1,0 +1,209 @@
+"""Evaluation protocols, exactly as CoOp/Dassl run them (../shared/methods.md §1).
+
+- few-shot draw: Dassl's `generate_fewshot_dataset` (train K per class, then val min(K, 4) per class with the
+  same random state);
+- base-to-novel: base = first ceil(n/2) sorted labels, novel = the rest, each relabelled and evaluated only
+  among its own classes;
+- all-class few-shot; cross-dataset and domain generalization evaluate a trained method on other stores.
+
+A `Task` holds what fitting may see (`FitData`: sampled train and val rows, class text) and only *loaders* for
+the evaluation sets, so the test split is not even read until evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.base import FitData, MethodError
+from ..store import Store
+
+PROTOCOLS = ("base2novel", "fewshot")
+
+
+def sample_per_class(labels: Sequence[int], k: int, rng: random.Random) -> list[int]:
+    """Dassl: group row positions by label in order of first appearance (rows keep their order inside a
+    group); take `rng.sample(group, k)` per group, or the whole group if it is smaller. k < 1: every row."""
+    if k < 1:
+        return list(range(len(labels)))
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(int(y), []).append(i)
+    out: list[int] = []
+    for rows in groups.values():
+        out.extend(rng.sample(rows, k) if len(rows) >= k else rows)
+    return out
+
+
+def fewshot_draw(
+    train_labels: Sequence[int],
+    val_labels: Sequence[int] | None,
+    shots: int,
+    seed: int,
+    classnames: Sequence[str] | None = None,
+    allow_short_classes: bool = False,
+) -> tuple[list[int], list[int] | None]:
+    """The (train rows, val rows) Dassl draws for (shots, seed). A class with fewer than `shots` training rows is
+    an error unless `allow_short_classes` (then, as Dassl does, the whole class is taken)."""
+    if shots >= 1 and not allow_short_classes:
+        counts: dict[int, int] = {}
+        for y in train_labels:
+            counts[int(y)] = counts.get(int(y), 0) + 1
+        short = sorted((n, y) for y, n in counts.items() if n < shots)
+        if short:
+            n, y = short[0]
+            name = f" ({classnames[y]!r})" if classnames is not None and y < len(classnames) else ""
+            raise MethodError(
+                f"{shots} shots asked, but class {y}{name} has only {n} training rows; use fewer shots "
+                "(or --allow-short-classes to take whole classes, as Dassl does)"
+            )
+    rng = random.Random(seed)  # the same sequence as Dassl's random.seed(seed), without touching global state
+    train = sample_per_class(train_labels, shots, rng)
+    val = sample_per_class(val_labels, min(shots, 4), rng) if val_labels is not None else None
+    return train, val
+
+
+def base_novel_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Sorted labels present; base = first ceil(n/2), novel = the rest."""
+    present = sorted({int(y) for y in labels})
+    m = math.ceil(len(present) / 2)
+    return present[:m], present[m:]
+
+
+def rows_sha256(rows: Sequence[int] | None) -> str | None:
+    if rows is None:
+        return None
+    return hashlib.sha256(",".join(map(str, rows)).encode()).hexdigest()
+
+
+@dataclass
+class EvalSet:
+    """Images and labels of one evaluation (relabelled to 0..C-1), the classes' text, and which training class
+    each one is (-1: never trained on)."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    text: torch.Tensor
+    class_ids: torch.Tensor
+
+
+@dataclass
+class Task:
+    """One protocol instance on one store: the fit data plus lazily loaded evaluation sets."""
+
+    protocol: str
+    shots: int
+    seed: int
+    fit: FitData
+    classes: list[int]  # store labels trained on, in training-label order
+    train_rows: list[int]
+    val_rows: list[int] | None
+    eval_loaders: dict[str, Callable[[], EvalSet]] = field(default_factory=dict)
+
+    def eval_sets(self) -> dict[str, EvalSet]:
+        return {name: load() for name, load in self.eval_loaders.items()}
+
+
+def _select(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose label is in `classes`, relabelled to the position of their label in `classes`."""
+    remap = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long, device=y.device)
+    remap[torch.tensor(classes, dtype=torch.long, device=y.device)] = torch.arange(len(classes), device=y.device)
+    new = remap[y]
+    keep = new >= 0
+    return x[keep], new[keep]
+
+
+def build_task(
+    store: Store,
+    protocol: str = "base2novel",
+    shots: int = 16,
+    seed: int = 1,
+    template: str | None = None,
+    val_from: str = "val",
+    allow_short_classes: bool = False,
+    device: str | torch.device = "cpu",
+) -> Task:
+    """Draw the few-shot sets and prepare the protocol's evaluation sets (loaded only when asked for).
+
+    val_from: "val" draws validation from the store's val split (CoOp/Dassl); "train" draws it from the
+    train rows not chosen for training (for stores with no val split, e.g. ImageNet's CoOp scheme); "none"
+    gives no validation set."""
+    if protocol not in PROTOCOLS:
+        raise MethodError(f"unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
+    if val_from not in ("val", "train", "none"):
+        raise MethodError(f"unknown val source '{val_from}'; use val, train or none")
+    if val_from == "val" and "val" not in store.splits:
+        val_from = "missing"
+    train = store.split("train", device=device)
+    y_train = train.labels.tolist()
+    classnames = store.classnames
+    val = store.split("val", device=device, aug=False) if val_from == "val" else None
+    val_labels = val.labels.tolist() if val is not None else None
+    rows, vrows = fewshot_draw(y_train, val_labels, shots, seed, classnames, allow_short_classes)
+    val_x = val_y = None
+    if val is not None:
+        val_x, val_y = val.features[vrows], val.labels[vrows]
+    elif val_from == "train":
+        chosen = set(rows)
+        rest = [i for i in range(len(y_train)) if i not in chosen]
+        picked = sample_per_class([y_train[i] for i in rest], min(shots, 4), random.Random(seed + 10_000))
+        vrows = [rest[i] for i in picked]
+        val_x, val_y = train.features[vrows], train.labels[vrows]
+    else:
+        vrows = None
+    text_all = store.text(template).to(device)
+    tr_x, tr_y = train.features[rows], train.labels[rows]
+    tr_aug = train.aug[rows] if train.aug is not None else None
+
+    if protocol == "base2novel":
+        base, novel = base_novel_split(tr_y.tolist())
+        classes = base
+    else:
+        classes = sorted({int(y) for y in tr_y.tolist()})
+        base, novel = classes, []
+
+    keep = torch.isin(tr_y, torch.tensor(classes, device=tr_y.device))
+    fx, fy = _select(tr_x, tr_y, classes)
+    faug = tr_aug[keep] if tr_aug is not None else None
+    if val_x is not None:
+        val_x, val_y = _select(val_x, val_y, classes)
+    fit = FitData(
+        train_x=fx, train_y=fy, text=text_all[classes], val_x=val_x, val_y=val_y, train_aug=faug,
+        classnames=[classnames[c] for c in classes],
+    )  # fmt: skip
+
+    def loader(name: str, cls: list[int], seen: bool) -> Callable[[], EvalSet]:
+        def load() -> EvalSet:
+            test = store.split("test", device=device, aug=False)
+            x, y = _select(test.features, test.labels, cls)
+            ids = torch.arange(len(cls), device=device) if seen else torch.full((len(cls),), -1, device=device)
+            return EvalSet(name, x, y, text_all[cls], ids)
+
+        return load
+
+    if protocol == "base2novel":
+        loaders = {"base": loader("base", base, True), "novel": loader("novel", novel, False)}
+    else:
+        loaders = {"all": loader("all", classes, True)}
+    kept_rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+    return Task(protocol, shots, seed, fit, classes, kept_rows, vrows, loaders)
+
+
+def target_eval_set(
+    store: Store,
+    train_classnames: list[str],
+    template: str | None = None,
+    device: str | torch.device = "cpu",
+) -> EvalSet:
+    """The whole test split of another store (cross-dataset, domain generalization) with its own class names;
+    a target class counts as trained on when its name equals a training class name."""
+    test = store.split("test", device=device, aug=False)
+    index = {n: i for i, n in enumerate(train_classnames)}
+    ids = torch.tensor([index.get(n, -1) for n in store.classnames], dtype=torch.long, device=device)
+    return EvalSet("target", test.features, test.labels, store.text(template).to(device), ids)
