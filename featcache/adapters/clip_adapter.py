@@ -25,7 +25,7 @@ class ClipAdapterConfig(TrainConfig):
     lr: float = field(default=5e-3, metadata={"help": "learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
     epochs: int = field(default=200, metadata={"help": "maximum training epochs"})
-    batch_size: int = field(default=32, metadata={"help": "rows per optimisation step"})
+    batch_size: int = field(default=256, metadata={"help": "rows per optimisation step"})
     schedule: str = field(default="cosine", metadata={"help": "constant or cosine"})
     patience: int = field(default=20, metadata={"help": "early-stopping patience in epochs on val accuracy"})
 
