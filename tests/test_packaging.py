@@ -46,6 +46,8 @@ def test_wheel_carries_manifests_and_works_when_installed(tmp_path):
     manifests = sorted(Path(n).stem for n in names if n.startswith("featcache/data_manifests/") and n.endswith(".json"))
     assert manifests == sorted(p.stem for p in (ROOT / "data_manifests").glob("*.json"))
     assert "featcache/model_configs/featcache-tiny.json" in names and "cli/main.py" in names
+    sources = {str(p.relative_to(ROOT)) for d in ("featcache", "cli") for p in (ROOT / d).rglob("*.py")}
+    assert sources <= set(names), f"modules missing from the wheel: {sorted(sources - set(names))}"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)  # fmt: skip
