@@ -47,9 +47,11 @@ def fewshot_draw(
     seed: int,
     classnames: Sequence[str] | None = None,
     allow_short_classes: bool = False,
+    val_from_train: bool = False,
 ) -> tuple[list[int], list[int] | None]:
     """The (train rows, val rows) Dassl draws for (shots, seed). A class with fewer than `shots` training rows is
-    an error unless `allow_short_classes` (then, as Dassl does, the whole class is taken)."""
+    an error unless `allow_short_classes` (then, as Dassl does, the whole class is taken). `val_labels=None` and
+    `val_from_train`: validation is drawn, with the same random state, from the train rows not chosen."""
     if shots >= 1 and not allow_short_classes:
         counts: dict[int, int] = {}
         for y in train_labels:
@@ -64,8 +66,14 @@ def fewshot_draw(
             )
     rng = random.Random(seed)  # the same sequence as Dassl's random.seed(seed), without touching global state
     train = sample_per_class(train_labels, shots, rng)
-    val = sample_per_class(val_labels, min(shots, 4), rng) if val_labels is not None else None
-    return train, val
+    if val_labels is not None:
+        return train, sample_per_class(val_labels, min(shots, 4), rng)
+    if not val_from_train:
+        return train, None
+    chosen = set(train)
+    rest = [i for i in range(len(train_labels)) if i not in chosen]
+    picked = sample_per_class([train_labels[i] for i in rest], min(shots, 4), rng)
+    return train, [rest[i] for i in picked]
 
 
 def base_novel_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -138,25 +146,18 @@ def build_task(
         raise MethodError(f"unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
     if val_from not in ("val", "train", "none"):
         raise MethodError(f"unknown val source '{val_from}'; use val, train or none")
-    if val_from == "val" and "val" not in store.splits:
-        val_from = "missing"
     train = store.split("train", device=device)
     y_train = train.labels.tolist()
     classnames = store.classnames
-    val = store.split("val", device=device, aug=False) if val_from == "val" else None
+    has_val = val_from == "val" and "val" in store.splits  # no val split: methods that need one say so
+    val = store.split("val", device=device, aug=False) if has_val else None
     val_labels = val.labels.tolist() if val is not None else None
-    rows, vrows = fewshot_draw(y_train, val_labels, shots, seed, classnames, allow_short_classes)
+    rows, vrows = fewshot_draw(y_train, val_labels, shots, seed, classnames, allow_short_classes, val_from == "train")
     val_x = val_y = None
     if val is not None:
         val_x, val_y = val.features[vrows], val.labels[vrows]
-    elif val_from == "train":
-        chosen = set(rows)
-        rest = [i for i in range(len(y_train)) if i not in chosen]
-        picked = sample_per_class([y_train[i] for i in rest], min(shots, 4), random.Random(seed + 10_000))
-        vrows = [rest[i] for i in picked]
+    elif vrows is not None:
         val_x, val_y = train.features[vrows], train.labels[vrows]
-    else:
-        vrows = None
     text_all = store.text(template).to(device)
     tr_x, tr_y = train.features[rows], train.labels[rows]
     tr_aug = train.aug[rows] if train.aug is not None else None
