@@ -91,3 +91,9 @@ def test_task_fewshot_and_val_from_train(synth):
         assert len(task.val_rows) == 20
         with pytest.raises(MethodError, match="unknown protocol 'b2n'"):
             build_task(st, "b2n")
+
+
+def test_val_from_train_continues_the_random_state():
+    # seed 1, one shot: train rows [2, 8, 3]; validation then comes from the unused rows with the same state
+    assert fewshot_draw(TRAIN, None, 1, 1, val_from_train=True) == ([2, 8, 3], [5, 1, 7])
+    assert fewshot_draw(TRAIN, None, 1, 1) == ([2, 8, 3], None)
