@@ -306,6 +306,64 @@ def methods(method: str | None = typer.Argument(None, help="Show one method's op
 
 
 @app.command()
+def sweep(
+    file: Path = typer.Argument(..., help="A sweep TOML (see benchmarks/sweeps/)."),
+    results: Path = typer.Option(Path("results.jsonl"), help="JSONL file the records are appended to."),
+    cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
+    jobs: int = typer.Option(1, help="Runs in parallel (processes; torch threads are split between them)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Run a grid of backbones x datasets x methods x shots x seeds x variants; resumable."""
+    from featcache.sweep import load_sweep, run_sweep
+
+    with _user_errors():
+        s = load_sweep(file)
+        typer.echo(f"sweep {s.name}: {len(s.jobs)} runs ({s.protocol}) -> {results}")
+        c = run_sweep(s, results, cache_dir=cache_dir, jobs=jobs, progress=not quiet, echo=typer.echo)
+        typer.echo(f"done {c['done']}, failed {c['failed']} (recorded with their error; rerun to retry), "
+                   f"already recorded {c['skipped']}, waiting for a cache {c['missing']}")  # fmt: skip
+        if c["failed"]:
+            raise typer.Exit(1)
+
+
+@app.command()
+def leaderboard(
+    results: Path = typer.Argument(..., help="A JSONL file of result records."),
+    protocol: str = typer.Option("base2novel", help="base2novel, fewshot, xd or dg."),
+    out: Path | None = typer.Option(None, help="Wide CSV; the long one goes to <out>_runs.csv."),
+    reference: str | None = typer.Option(None, help="'published': add the published base-to-novel rows."),
+) -> None:
+    """Leaderboard tables (mean ± std over seeds, papers' averages) printed and written as CSV."""
+    from featcache.leaderboard import format_table, write_leaderboard
+
+    with _user_errors():
+        if not results.exists():
+            raise FeatcacheError(f"no results file at {results}")
+        try:
+            wide, _, written = write_leaderboard(results, protocol, out, reference)
+        except ValueError as e:
+            raise FeatcacheError(str(e)) from None
+        if wide.empty:
+            raise FeatcacheError(f"{results} holds no successful {protocol} records")
+        typer.echo(format_table(wide, protocol))
+        for p in written:
+            typer.echo(f"wrote {p}")
+
+
+@app.command()
+def plot(
+    results: Path = typer.Argument(..., help="A JSONL file of result records."),
+    kind: str = typer.Option("base-novel", help="base-novel or shots."),
+    out: Path = typer.Option(..., help="PNG file to write."),
+) -> None:
+    """Base vs novel accuracy per method, or accuracy vs shots (needs matplotlib: featcache[plot])."""
+    from featcache.plots import plot as run
+
+    with _user_errors():
+        typer.echo(f"wrote {run(results, kind, out)}")
+
+
+@app.command()
 def demo(
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     workers: int = typer.Option(0, help="DataLoader workers (0: decode in the main process)."),

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 from .extract import extract
+from .leaderboard import format_table, write_leaderboard
 from .store import Store
+from .sweep import load_sweep, run_sweep
 
 DEMO_BACKBONE = "featcache-tiny/random"
 DEMO_DATASET = "digits"
 
 
 def run_demo(cache_dir: str | Path | None = None, workers: int = 0, echo: Callable[[str], None] = print) -> Path:
-    """Extract `digits` through the tiny random-init architecture, print the store summary, then fit every
-    embedding-level method (base-to-novel, 16 shots, seed 1) and print a small leaderboard."""
+    """Extract `digits` through the tiny random-init architecture, print the store summary, then run the
+    digits sweep (every method, 3 seeds) and print its leaderboard."""
     echo(
         f"featcache demo: {DEMO_DATASET} (scikit-learn's bundled 8x8 digits, upscaled) through {DEMO_BACKBONE}.\n"
         "NOTE: this backbone has RANDOM weights (fixed seed) so the demo runs with no network; its features, and "
@@ -35,24 +38,19 @@ def run_demo(cache_dir: str | Path | None = None, workers: int = 0, echo: Callab
     echo(f"  {s['classes']} classes, D={s['dim']}, {s['templates']} prompt templates")
     for k, v in s["splits"].items():
         echo(f"  {k:<5} {v:>6} rows")
-    echo("\nfitting every method on the cache (base-to-novel, 16 shots, seed 1) ...")
-    echo(leaderboard(cache_dir))
+    results = Path(path).parent.parent / "demo_results.jsonl"
+    echo(f"\nrunning the digits sweep (every method, base-to-novel, 16 shots, seeds 1-3) -> {results}")
+    sweep = load_sweep(sweep_file("digits"))
+    run_sweep(sweep, results, cache_dir=cache_dir, progress=True, echo=echo)
+    wide, _, _ = write_leaderboard(results, "base2novel")
+    echo(format_table(wide, "base2novel"))
     echo("(random backbone: these accuracies show the pipeline runs, not how good any method is)")
     return path
 
 
-def leaderboard(cache_dir: str | Path | None = None) -> str:
-    """Fit each method on the demo store and return a small text table."""
-    import pandas as pd
-
-    from .adapters import list_adapters
-    from .api import fit_method
-
-    rows = []
-    for method in list_adapters():
-        rec = fit_method(method, dataset=DEMO_DATASET, backbone=DEMO_BACKBONE, cache_dir=cache_dir).record
-        m = rec.metrics
-        rows.append({"method": method, "base": m["base_acc"], "novel": m["novel_acc"], "HM": m["hm"],
-                     "fit s": rec.fit_seconds, "params": rec.trainable_params})  # fmt: skip
-    table = pd.DataFrame(rows).sort_values("HM", ascending=False, na_position="last")
-    return table.to_string(index=False, float_format=lambda x: f"{x:.2f}", na_rep="n/a")
+def sweep_file(name: str) -> Path:
+    """A bundled sweep: the checkout's benchmarks/sweeps/, or the copy installed in the package."""
+    src = Path(__file__).resolve().parent.parent / "benchmarks" / "sweeps" / f"{name}.toml"
+    if src.exists():
+        return src
+    return Path(str(resources.files("featcache") / "sweeps" / f"{name}.toml"))

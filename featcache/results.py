@@ -47,6 +47,9 @@ class Record:
     sampled: dict[str, Any]  # row counts and sha256 of the sampled train/val row positions
     template: str | None = None
     eval_dataset: str | None = None  # cross-dataset / DG: the store evaluated on
+    variant: str | None = None  # a sweep's named override (its own leaderboard row)
+    sweep_key: str | None = None  # identifies the run inside a sweep (resume skips keys already recorded)
+    error: str | None = None  # a failed run: the one-line error, and no metrics
     fit: dict[str, Any] = field(default_factory=dict)  # epochs run, best epoch, best val acc
     versions: dict[str, str] = field(default_factory=versions)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])

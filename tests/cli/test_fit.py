@@ -96,3 +96,22 @@ def test_methods_command():
     assert r.exit_code == 0 and "mm-attn" in r.output and "closed form" in r.output
     r = runner.invoke(app, ["methods", "mm-attn"])
     assert "lam=0.2" in r.output and "mask=bias" in r.output
+
+
+def test_sweep_leaderboard_plot_commands(cache, tmp_path):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('protocol = "base2novel"\nbackbones = ["featcache-tiny/random"]\ndatasets = ["digits"]\n'
+                     'methods = ["zero-shot", "tip-adapter"]\nshots = [4]\nseeds = [1, 2]\n')  # fmt: skip
+    out = tmp_path / "r.jsonl"
+    r = runner.invoke(app, ["sweep", str(sweep), "--results", str(out), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0 and "done 4, failed 0" in r.output, r.output + r.stderr
+    r = runner.invoke(app, ["sweep", str(sweep), "--results", str(out), "--cache-dir", str(cache), "--quiet"])
+    assert "done 0, failed 0 (recorded with their error; rerun to retry), already recorded 4" in r.output
+    r = runner.invoke(app, ["leaderboard", str(out), "--out", str(tmp_path / "t.csv"), "--reference", "published"])
+    assert r.exit_code == 0, r.stderr
+    assert "tip-adapter" in r.output and "MaPLe (published)" in r.output and "digits hm" in r.output
+    assert (tmp_path / "t.csv").exists() and (tmp_path / "t_runs.csv").exists()
+    r = runner.invoke(app, ["leaderboard", str(out), "--protocol", "fewshot"])
+    assert r.exit_code == 1 and "no successful fewshot records" in r.stderr
+    r = runner.invoke(app, ["plot", str(out), "--kind", "base-novel", "--out", str(tmp_path / "p.png")])
+    assert r.exit_code == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,244 @@
+"""Benchmark sweeps: a TOML grid of backbones x datasets x methods x shots x seeds x named variants, run
+resumably into a JSONL results file (one Record per run). Format: benchmarks/sweeps/README.md."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapters import list_adapters
+from .errors import FeatcacheError
+from .manifests import load_manifest
+from .results import Record, append_record, read_records
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+PROTOCOLS = ("base2novel", "fewshot", "xd", "dg")
+
+
+class SweepError(FeatcacheError):
+    """A sweep file is malformed."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fit (and, for xd/dg, its evaluations on the targets)."""
+
+    backbone: str
+    dataset: str
+    method: str
+    variant: str | None
+    options: tuple[tuple[str, Any], ...]
+    protocol: str
+    shots: int
+    seed: int
+    targets: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.variant or self.method
+
+    def key(self, target: str | None = None) -> str:
+        """Stable id of one record of this job (the fit, or its evaluation on one target)."""
+        ident = [self.backbone, self.dataset, self.method, self.variant, list(self.options), self.protocol,
+                 self.shots, self.seed, target]  # fmt: skip
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def keys(self) -> list[str]:
+        return [self.key(t) for t in self.targets] if self.targets else [self.key()]
+
+
+@dataclass
+class Sweep:
+    name: str
+    protocol: str
+    jobs: list[Job]
+    template: str | None = None
+    val_from: str = "val"
+    cache_dir: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and check a sweep file; every mistake names the key."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SweepError(f"no sweep file at {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{path}: not valid TOML ({e})") from e
+
+    def need(key: str, kind: type, default: Any = None) -> Any:
+        v = raw.get(key, default)
+        if v is None:
+            raise SweepError(f"{path}: '{key}' is missing")
+        if not isinstance(v, kind):
+            raise SweepError(f"{path}: '{key}' must be a {kind.__name__}")
+        return v
+
+    protocol = need("protocol", str)
+    if protocol not in PROTOCOLS:
+        raise SweepError(f"{path}: 'protocol' must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    backbones = need("backbones", list)
+    methods = need("methods", list, [])
+    shots = need("shots", list, [16])
+    seeds = need("seeds", list, [1, 2, 3])
+    known = set(list_adapters())
+    for m in methods:
+        if m not in known:
+            raise SweepError(f"{path}: unknown method {m!r} in 'methods'; available: {', '.join(sorted(known))}")
+    per_method = need("options", dict, {})
+    for m in per_method:
+        if m not in known:
+            raise SweepError(f"{path}: unknown method {m!r} in [options]")
+    variants = need("variants", list, [])
+    rows: list[tuple[str, str | None, dict]] = [(m, None, dict(per_method.get(m, {}))) for m in methods]
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str) or v.get("method") not in known:
+            raise SweepError(f"{path}: variants[{i}] needs a 'name' and a known 'method'")
+        rows.append((v["method"], v["name"], {**per_method.get(v["method"], {}), **v.get("options", {})}))
+    if not rows:
+        raise SweepError(f"{path}: no 'methods' and no [[variants]]: nothing to run")
+
+    if protocol in ("xd", "dg"):
+        sources = [need("source", str)]
+        targets = tuple(need("targets", list))
+        fit_protocol = "fewshot"
+    else:
+        sources = need("datasets", list)
+        targets = ()
+        fit_protocol = protocol
+    for d in [*sources, *targets]:
+        load_manifest(d)  # unknown datasets fail here, with the list of known ones
+    jobs = [
+        Job(b, d, m, var, tuple(sorted(opts.items())), fit_protocol, int(k), int(s), targets)
+        for b in backbones for d in sources for (m, var, opts) in rows for k in shots for s in seeds
+    ]  # fmt: skip
+    return Sweep(
+        name=raw.get("name", path.stem), protocol=protocol, jobs=jobs, template=raw.get("template"),
+        val_from=raw.get("val_from", "train" if protocol in ("xd", "dg") else "val"), cache_dir=raw.get("cache_dir"),
+        raw=raw,
+    )  # fmt: skip
+
+
+def missing_stores(sweep: Sweep, cache_dir: str | Path | None) -> list[tuple[str, str, str]]:
+    """(backbone, dataset, extract command) for every store the sweep needs that does not exist."""
+    from .extract import store_path
+
+    need = {(j.backbone, d) for j in sweep.jobs for d in (j.dataset, *j.targets)}
+    out = []
+    for b, d in sorted(need):
+        m = load_manifest(d)
+        if not store_path(cache_dir, b, m.id, m.default_scheme).exists():
+            cmd = f"featcache extract --dataset {d} --backbone {b}" + (f" --cache-dir {cache_dir}" if cache_dir else "")
+            out.append((b, d, cmd))
+    return out
+
+
+def pending(sweep: Sweep, results: str | Path) -> list[Job]:
+    """Jobs with at least one record still missing (failed runs are retried)."""
+    done = set()
+    if Path(results).expanduser().exists():
+        done = {r["sweep_key"] for r in read_records(results) if r.get("sweep_key") and not r.get("error")}
+    return [j for j in sweep.jobs if not all(k in done for k in j.keys())]
+
+
+def run_job(job: Job, sweep: Sweep, cache_dir: str | None, runs_dir: str, threads: int | None) -> list[Record]:
+    """Fit one job (evaluate on its targets for xd/dg); a failure becomes a record with its error."""
+    import torch
+
+    from .api import evaluate_run, fit_method
+
+    if threads:
+        torch.set_num_threads(threads)
+    common = {"method": job.method, "dataset": job.dataset, "backbone": job.backbone, "shots": job.shots,
+              "seed": job.seed, "variant": job.variant}  # fmt: skip
+    try:
+        save = Path(runs_dir) / job.key() if job.targets else None
+        run = fit_method(
+            job.method, dataset=job.dataset, backbone=job.backbone, cache_dir=cache_dir, protocol=job.protocol,
+            shots=job.shots, seed=job.seed, template=sweep.template, options=dict(job.options),
+            val_from=sweep.val_from, save=save,
+        )  # fmt: skip
+        if not job.targets:
+            run.record.variant, run.record.sweep_key = job.variant, job.key()
+            return [run.record]
+        out = []
+        for t in job.targets:
+            try:
+                rec = evaluate_run(save, dataset=t, cache_dir=cache_dir, template=sweep.template)
+                rec.protocol, rec.fit_seconds = sweep.protocol, run.record.fit_seconds
+            except FeatcacheError as e:
+                rec = _failed(common | {"protocol": sweep.protocol}, str(e), eval_dataset=t)
+            rec.variant, rec.sweep_key = job.variant, job.key(t)
+            out.append(rec)
+        return out
+    except Exception as e:  # any failure is recorded; the sweep goes on
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        protocol = sweep.protocol if job.targets else job.protocol
+        recs = [_failed(common | {"protocol": protocol}, f"{type(e).__name__}: {msg}", eval_dataset=t)
+                for t in (job.targets or (None,))]  # fmt: skip
+        for r, k in zip(recs, job.keys(), strict=True):
+            r.sweep_key = k
+        return recs
+
+
+def _failed(common: dict, error: str, eval_dataset: str | None = None) -> Record:
+    return Record(**common, metrics={}, fit_seconds=0.0, trainable_params=0, config={}, store={}, sampled={},
+                  error=error, eval_dataset=eval_dataset)  # fmt: skip
+
+
+def run_sweep(
+    sweep: Sweep,
+    results: str | Path,
+    cache_dir: str | Path | None = None,
+    jobs: int = 1,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """Run every pending job, appending records as they finish. Returns counts: done, failed, skipped, missing."""
+    from tqdm.auto import tqdm
+
+    cache = str(cache_dir) if cache_dir else sweep.cache_dir
+    missing = missing_stores(sweep, cache)
+    if missing:
+        echo(f"{len(missing)} cache(s) missing; their runs are skipped until you create them:")
+        for _, _, cmd in missing:
+            echo(f"  {cmd}")
+    lacking = {(b, d) for b, d, _ in missing}
+    todo_all = pending(sweep, results)
+    todo = [j for j in todo_all if (j.backbone, j.dataset) not in lacking]
+    todo = [j for j in todo if not any((j.backbone, t) in lacking for t in j.targets)]
+    counts = {"skipped": len(sweep.jobs) - len(todo_all), "missing": len(todo_all) - len(todo), "done": 0, "failed": 0}
+    runs_dir = str(Path(results).expanduser().with_suffix("")) + ".runs"
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    bar = tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not progress)
+
+    def record(recs: list[Record]) -> None:
+        for r in recs:
+            append_record(results, r)
+        counts["failed" if any(r.error for r in recs) else "done"] += 1
+        bar.update(1)
+
+    try:
+        if jobs <= 1:
+            for j in todo:
+                record(run_job(j, sweep, cache, runs_dir, None))
+        else:
+            with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(run_job, j, sweep, cache, runs_dir, threads) for j in todo]
+                for f in cf.as_completed(futures):
+                    record(f.result())
+    finally:
+        bar.close()
+    return counts
