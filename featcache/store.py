@@ -162,6 +162,29 @@ class Store:
             views = torch.from_numpy(g["aug"][()]).to(device=device, dtype=torch.float32)
         return SplitData(feats, labels, views)
 
+    def labels(self, split: str) -> torch.Tensor:
+        """Labels only: cheap even for ImageNet's 1.28M training rows."""
+        return torch.from_numpy(self._group(split)["labels"][()].astype(np.int64))
+
+    def rows(self, split: str, rows: list[int], device: str | torch.device = "cpu", aug: bool = True) -> SplitData:
+        """Some rows of a split, in the order given; only those rows are read from disk (a 16-shot draw reads
+        16 rows per class, not the whole split)."""
+        g = self._group(split)
+        if not rows:
+            d = int(g["features"].shape[1])
+            empty = torch.empty(0, d, device=device)
+            return SplitData(empty, torch.empty(0, dtype=torch.long, device=device), None)
+        idx = np.asarray(rows, dtype=np.int64)
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py reads increasing, unique indices
+
+        def read(name: str) -> torch.Tensor:
+            return torch.from_numpy(g[name][uniq][inverse])
+
+        feats = read("features").to(device=device, dtype=torch.float32)
+        labels = read("labels").long().to(device)
+        views = read("aug").to(device=device, dtype=torch.float32) if aug and "aug" in g else None
+        return SplitData(feats, labels, views)
+
     def ids(self, split: str) -> list[str]:
         return [i.decode() if isinstance(i, bytes) else i for i in self._group(split)["ids"][()]]
 

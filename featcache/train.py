@@ -46,7 +46,6 @@ def _schedule(cfg, opt, total_steps: int) -> torch.optim.lr_scheduler.LRSchedule
 def fit(method: Adapter, data: FitData, seed: int = 1) -> FitResult:
     """Fit `method` on `data` (never the test split). Deterministic for a given seed and device."""
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
     if method.needs_val and data.val_x is None:
         raise MethodError(
             f"'{method.name}' selects on a validation split and this store has none; "

@@ -129,3 +129,13 @@ def test_large_split_reads_whole(tmp_path):
     with Store.open(p) as st:
         x = st.split("train").features
     assert x.shape == (n, d) and torch.allclose(x[-1], block[-1], atol=1e-2, rtol=1e-3)
+
+
+def test_rows_reads_only_what_is_asked_in_that_order(tmp_path):
+    p = tmp_path / "s.h5"
+    feats, labels, _ = _write(p, dtype="float32")
+    with Store.open(p) as st:
+        d = st.rows("train", [7, 2, 7, 50])
+        assert torch.equal(d.features, feats[[7, 2, 7, 50]]) and d.labels.tolist() == labels[[7, 2, 7, 50]].tolist()
+        assert torch.equal(st.labels("train"), labels)
+        assert st.rows("train", []).features.shape == (0, 16)

@@ -146,21 +146,18 @@ def build_task(
         raise MethodError(f"unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
     if val_from not in ("val", "train", "none"):
         raise MethodError(f"unknown val source '{val_from}'; use val, train or none")
-    train = store.split("train", device=device)
-    y_train = train.labels.tolist()
+    y_train = store.labels("train").tolist()  # draw on labels, then read only the drawn rows
     classnames = store.classnames
     has_val = val_from == "val" and "val" in store.splits  # no val split: methods that need one say so
-    val = store.split("val", device=device, aug=False) if has_val else None
-    val_labels = val.labels.tolist() if val is not None else None
+    val_labels = store.labels("val").tolist() if has_val else None
     rows, vrows = fewshot_draw(y_train, val_labels, shots, seed, classnames, allow_short_classes, val_from == "train")
     val_x = val_y = None
-    if val is not None:
-        val_x, val_y = val.features[vrows], val.labels[vrows]
-    elif vrows is not None:
-        val_x, val_y = train.features[vrows], train.labels[vrows]
+    if vrows is not None:
+        val = store.rows("val" if has_val else "train", vrows, device=device, aug=False)
+        val_x, val_y = val.features, val.labels
     text_all = store.text(template).to(device)
-    tr_x, tr_y = train.features[rows], train.labels[rows]
-    tr_aug = train.aug[rows] if train.aug is not None else None
+    train = store.rows("train", rows, device=device)
+    tr_x, tr_y, tr_aug = train.features, train.labels, train.aug
 
     if protocol == "base2novel":
         base, novel = base_novel_split(tr_y.tolist())
@@ -205,6 +202,11 @@ def target_eval_set(
     """The whole test split of another store (cross-dataset, domain generalization) with its own class names;
     a target class counts as trained on when its name equals a training class name."""
     test = store.split("test", device=device, aug=False)
-    index = {n: i for i, n in enumerate(train_classnames)}
-    ids = torch.tensor([index.get(n, -1) for n in store.classnames], dtype=torch.long, device=device)
+    if list(store.classnames) == list(train_classnames):  # the same class list (ImageNet -> V2, Sketch)
+        ids = torch.arange(len(train_classnames), device=device)
+    else:  # by name; a name the training list repeats maps to its first occurrence
+        index: dict[str, int] = {}
+        for i, n in enumerate(train_classnames):
+            index.setdefault(n, i)
+        ids = torch.tensor([index.get(n, -1) for n in store.classnames], dtype=torch.long, device=device)
     return EvalSet("target", test.features, test.labels, store.text(template).to(device), ids)

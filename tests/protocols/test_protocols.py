@@ -97,3 +97,15 @@ def test_val_from_train_continues_the_random_state():
     # seed 1, one shot: train rows [2, 8, 3]; validation then comes from the unused rows with the same state
     assert fewshot_draw(TRAIN, None, 1, 1, val_from_train=True) == ([2, 8, 3], [5, 1, 7])
     assert fewshot_draw(TRAIN, None, 1, 1) == ([2, 8, 3], None)
+
+
+def test_target_with_the_same_class_list_maps_one_to_one(synth):
+    from featcache.protocols import target_eval_set
+
+    with Store.open(synth) as st:
+        names = st.classnames
+        assert target_eval_set(st, names).class_ids.tolist() == list(range(10))
+        # a training list that repeats a name (CLIP's ImageNet names do): by-name lookup takes the first
+        other = ["class 3"] + [f"x{i}" for i in range(9)] + ["class 3"]
+        ids = target_eval_set(st, other).class_ids.tolist()
+        assert ids[3] == 0 and ids.count(-1) == 9
