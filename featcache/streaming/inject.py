@@ -1,0 +1,81 @@
+"""Injection helpers: wrap an open_clip transformer block (or any submodule) without touching its code.
+
+open_clip's blocks are called as `block(x, attn_mask=...)` on batch-first [B, L, D] tensors; a wrapper keeps
+the original block as a child and adds to (or edits) its input or output. `restore` puts the originals back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by `k` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: float) -> torch.Tensor:
+        ctx.k = k
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.k, None
+
+
+def grad_scale(x: torch.Tensor, k: float) -> torch.Tensor:
+    return GradScale.apply(x, k)
+
+
+class BlockWrapper(nn.Module):
+    """Runs `pre(x)` before and `post(x_in, x_out)` after an unmodified block."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        pre: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.block = block
+        self._pre, self._post = pre, post
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._pre is not None:
+            x = self._pre(x)
+        out = self.block(x, *args, **kwargs)
+        return self._post(x, out) if self._post is not None else out
+
+
+def wrap_blocks(resblocks: nn.ModuleList, index_to_wrapper: dict[int, Callable[[nn.Module], nn.Module]]) -> None:
+    """Replace resblocks[i] by make(resblocks[i]) for each (0-indexed) i."""
+    for i, make in index_to_wrapper.items():
+        resblocks[i] = make(resblocks[i])
+
+
+def restore(module: nn.Module) -> None:
+    """Undo every wrapper below `module` (block wrappers and submodule wrappers alike)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, (BlockWrapper, SubmoduleWrapper)):
+            setattr(module, name, child.block)
+        else:
+            restore(child)
+
+
+class SubmoduleWrapper(BlockWrapper):
+    """The same wrapper for a non-block submodule (token embedding, ln_pre): `pre`/`post` around it."""
+
+
+def text_tower(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(the module holding the text transformer, its resblocks) for open_clip's CLIP and CustomTextCLIP."""
+    owner = model.text if hasattr(model, "text") else model
+    return owner, owner.transformer.resblocks
+
+
+def vision_tower(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    visual = model.visual
+    if not hasattr(visual, "transformer"):
+        raise TypeError("this method needs an open_clip ViT image tower (timm and ResNet towers are not supported)")
+    return visual, visual.transformer.resblocks

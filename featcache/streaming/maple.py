@@ -1,0 +1,93 @@
+"""MaPLe: multi-modal prompt learning (Khattak et al., CVPR 2023; seed 002, reference
+muzairkhattak/multimodal-prompt-learning).
+
+Text prompt "a photo of a {class}." with the embeddings of "a photo" (positions 1..2) replaced by 2 learnable
+context vectors (initialised from those embeddings). Vision prompts are made from the text context by
+Linear(512->768) and appended after the patch tokens before ln_pre (197 -> 199 tokens for ViT-B/16). Deep
+prompts, depth 9: at the input of blocks 2..9, fresh text prompts (N(0, 0.02), [2, 512]) replace text positions
+1..2, and their projections (8 independent Linear(512->768)) replace the last 2 vision tokens; blocks 10-12
+carry on what block 9 produced. 3,555,072 parameters on ViT-B-16 shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .inject import BlockWrapper, SubmoduleWrapper, restore, text_tower, vision_tower
+
+
+@dataclass
+class MaPLeConfig:
+    n_ctx: int = field(default=2, metadata={"help": "context tokens per prompt"})
+    depth: int = field(default=9, metadata={"help": "prompt depth (3 for cross-dataset / DG)"})
+    ctx_init: str = field(default="a photo of a", metadata={"help": "initial words; the first n_ctx are learned"})
+    # reference training
+    optimizer: str = field(default="sgd", metadata={"help": "optimizer"})
+    lr: float = field(default=0.0035, metadata={"help": "learning rate (0.0026 for cross-dataset / DG)"})
+    epochs: int = field(default=5, metadata={"help": "epochs (2 for cross-dataset / DG)"})
+    batch_size: int = field(default=4, metadata={"help": "images per step"})
+    warmup_epochs: int = field(default=1, metadata={"help": "constant warm-up epochs at 1e-5"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine after warm-up"})
+
+
+class MaPLe(nn.Module):
+    """The prompts only; `attach(model, tokenizer)` injects them into an open_clip CLIP model."""
+
+    def __init__(self, config: MaPLeConfig, text_width: int, vision_width: int, ctx_init: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        n, deep = config.n_ctx, config.depth - 1
+        ctx = ctx_init.clone() if ctx_init is not None else torch.randn(n, text_width) * 0.02
+        self.ctx = nn.Parameter(ctx)
+        self.proj = nn.Linear(text_width, vision_width)
+        self.deep_text = nn.ParameterList(nn.Parameter(torch.randn(n, text_width) * 0.02) for _ in range(deep))
+        self.deep_proj = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(deep))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, tokenizer, config: MaPLeConfig | None = None) -> MaPLe:
+        config = config or MaPLeConfig()
+        owner, tblocks = text_tower(model)
+        _, vblocks = vision_tower(model)
+        with torch.no_grad():  # initialise the context from the embeddings of the first n_ctx words
+            tokens = tokenizer([config.ctx_init])
+            ctx = owner.token_embedding(tokens)[0, 1 : 1 + config.n_ctx].float()
+        return cls(config, tblocks[0].ln_1.normalized_shape[0], vblocks[0].ln_1.normalized_shape[0], ctx)
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        n = self.config.n_ctx
+        owner, tblocks = text_tower(model)
+        visual, vblocks = vision_tower(model)
+
+        def text_first(e: torch.Tensor) -> torch.Tensor:  # token embeddings: positions 1..n become the context
+            ctx = self.ctx.to(e.dtype).expand(e.shape[0], -1, -1)
+            return torch.cat([e[:, :1], ctx, e[:, 1 + n :]], dim=1)
+
+        def vision_first(x: torch.Tensor) -> torch.Tensor:  # before ln_pre: append the projected context
+            return torch.cat([x, self.proj(self.ctx).to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+
+        owner.token_embedding = SubmoduleWrapper(owner.token_embedding, post=lambda _, e: text_first(e))
+        visual.ln_pre = SubmoduleWrapper(visual.ln_pre, pre=vision_first)
+        for i in range(self.config.depth - 1):  # blocks 2..depth (1-indexed) get fresh prompts at their input
+
+            def text_pre(x: torch.Tensor, i=i) -> torch.Tensor:
+                p = self.deep_text[i].to(x.dtype).expand(x.shape[0], -1, -1)
+                return torch.cat([x[:, :1], p, x[:, 1 + n :]], dim=1)
+
+            def vision_pre(x: torch.Tensor, i=i) -> torch.Tensor:
+                p = self.deep_proj[i](self.deep_text[i]).to(x.dtype).expand(x.shape[0], -1, -1)
+                return torch.cat([x[:, :-n], p], dim=1)
+
+            tblocks[i + 1] = BlockWrapper(tblocks[i + 1], pre=text_pre)
+            vblocks[i + 1] = BlockWrapper(vblocks[i + 1], pre=vision_pre)
+        return model
+
+    @staticmethod
+    def detach(model: nn.Module) -> nn.Module:
+        restore(model)
+        return model
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
