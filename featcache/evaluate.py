@@ -21,10 +21,10 @@ def predict(
 
 def accuracy(
     method: Adapter, x: torch.Tensor, y: torch.Tensor, text: torch.Tensor, class_ids: torch.Tensor | None = None
-) -> float:
-    """Top-1 accuracy in percent."""
+) -> float | None:
+    """Top-1 accuracy in percent (None for an empty set: there is nothing to score)."""
     if len(y) == 0:
-        return float("nan")
+        return None
     return 100.0 * (predict(method, x, text, class_ids) == y).float().mean().item()
 
 

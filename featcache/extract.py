@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import Backbone, backbone_slug, load_backbone, parse_backbone
+from .backbones import Backbone, backbone_slug, load_backbone, parse_backbone, pick_device, pick_precision
 from .data import ImageDataset, augment_transform, collate, default_data_root, download, resolve_split
 from .errors import DataError, StoreError
 from .manifests import Manifest, load_manifest
@@ -78,9 +78,11 @@ def extract(
 
     spec = backbone.spec if isinstance(backbone, Backbone) else parse_backbone(backbone)
     path = store_path(cache_dir, spec.id, manifest.id, scheme.name)
+    bb_device = backbone.device if isinstance(backbone, Backbone) else pick_device(device)
     wanted = {
         "featcache_version": __version__,
         "backbone": spec.id,
+        "precision": backbone.precision if isinstance(backbone, Backbone) else pick_precision(precision, bb_device),
         "dataset": manifest.id,
         "manifest_sha256": manifest.sha256,
         "split_scheme": scheme.name,
@@ -91,7 +93,11 @@ def extract(
         log.info("%s is up to date", path)
         return path
 
-    bb = backbone if isinstance(backbone, Backbone) else load_backbone(spec.id, device=device, precision=precision)
+    bb = (
+        backbone
+        if isinstance(backbone, Backbone)
+        else load_backbone(spec.id, device=str(bb_device), precision=precision)
+    )
     fingerprint = {**wanted, **bb.fingerprint()}
     writer = StoreWriter(path, fingerprint, overwrite=overwrite)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import multiprocessing as mp
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -235,7 +236,8 @@ def run_sweep(
             for j in todo:
                 record(run_job(j, sweep, cache, runs_dir, None))
         else:
-            with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+            # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
                 futures = [pool.submit(run_job, j, sweep, cache, runs_dir, threads) for j in todo]
                 for f in cf.as_completed(futures):
                     record(f.result())

@@ -46,7 +46,7 @@ def _schedule(cfg, opt, total_steps: int) -> torch.optim.lr_scheduler.LRSchedule
 def fit(method: Adapter, data: FitData, seed: int = 1) -> FitResult:
     """Fit `method` on `data` (never the test split). Deterministic for a given seed and device."""
     t0 = time.perf_counter()
-    if method.needs_val and data.val_x is None:
+    if method.needs_val and (data.val_x is None or len(data.val_y) == 0):
         raise MethodError(
             f"'{method.name}' selects on a validation split and this store has none; "
             "draw one from the training rows with --val-from train"
@@ -74,7 +74,7 @@ def _train(method: Adapter, data: FitData, seed: int, cfg, params, result: FitRe
     opt = _optimizer(cfg, params)
     sched = _schedule(cfg, opt, cfg.epochs * steps)
     gen = torch.Generator().manual_seed(seed)
-    use_val = data.val_x is not None and (cfg.patience > 0 or cfg.select == "best-val")
+    use_val = data.val_x is not None and len(data.val_y) > 0 and (cfg.patience > 0 or cfg.select == "best-val")
     best_acc, best_state, since = -1.0, None, 0
     rows = torch.arange(n, device=data.train_x.device)
     for epoch in range(cfg.epochs):

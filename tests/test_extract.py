@@ -313,3 +313,10 @@ def test_split_file_class_names_must_match_manifest(tmp_path, tiny):
     raw["default_scheme"] = "c"
     with pytest.raises(DataError, match="has label 0 named 'b', but the manifest names label 0 'a'"):
         extract(parse_manifest(raw), tiny, data_root=data, cache_dir=tmp_path, progress=False)
+
+
+def test_other_precision_is_not_taken_for_up_to_date(tmp_path, tiny):
+    extract("digits", "featcache-tiny/random", cache_dir=tmp_path, splits=["val"], workers=0, progress=False)
+    with pytest.raises(FingerprintMismatch, match="'precision' differs.*--overwrite"):
+        extract("digits", "featcache-tiny/random", cache_dir=tmp_path, splits=["val"], precision="bf16",
+                workers=0, progress=False)  # fmt: skip

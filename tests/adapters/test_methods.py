@@ -192,3 +192,11 @@ def test_tip_cache_sum_with_unequal_shots_matches_one_hot():
     v = F.normalize(torch.randn(5, 4, generator=g), dim=-1)
     want = 100 * v @ t.t() + 1.5 * torch.exp(-2.0 * (1 - v @ x.t())) @ F.one_hot(y, 3).float()
     torch.testing.assert_close(tip(v, t), want)
+
+
+def test_accuracy_of_an_empty_set_is_none_not_nan():
+    from featcache.evaluate import accuracy, harmonic_mean
+
+    zs = create_adapter("zero-shot", dim=2)
+    assert accuracy(zs, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), torch.eye(2)) is None
+    assert harmonic_mean(80.0, None) is None and harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
