@@ -97,6 +97,7 @@ def fit_method(
         ds = store.fingerprint["dataset"]
         cfg = resolve_config(method, ds, options)
         adapter = create_adapter(method, cfg, dim=store.dim, seed=seed)
+        _bind_backbone(adapter, store.fingerprint, device)
         task = build_task(store, protocol, shots, seed, template, val_from, allow_short_classes, device)
         result = fit(adapter, task.fit, seed)
         metrics = _evaluate_task(adapter, task)
@@ -118,17 +119,33 @@ def fit_method(
     return Run(record, adapter, task, result)
 
 
+def _bind_backbone(adapter: Adapter, fingerprint: dict[str, Any], device: str) -> None:
+    """Methods that run part of the backbone (CoOp's text encoder) get the model that made the store, checked
+    by its weights hash."""
+    if not getattr(adapter, "needs_backbone", False):
+        return
+    from .backbones import load_backbone
+
+    bid = fingerprint.get("backbone", "")
+    if fingerprint.get("split_scheme") == "imported" or not bid or bid == "unknown":
+        raise MethodError(f"'{adapter.name}' runs the backbone's text encoder; an imported store does not say which")
+    bb = load_backbone(bid, device=device, precision="fp32")
+    if bb.weights_sha256 != fingerprint.get("weights_sha256"):
+        raise StoreError(f"the weights of {bid} differ from those that made the store; re-extract it")
+    adapter.bind(bb)
+
+
 def _evaluate_task(adapter: Adapter, task: Task) -> dict[str, float | None]:
     sets = task.eval_sets()  # the test split is read here, after fitting
     if task.protocol == "base2novel":
         b = sets["base"]
-        base = accuracy(adapter, b.x, b.y, b.text, b.class_ids)
+        base = accuracy(adapter, b.x, b.y, b.text, b.class_ids, b.classnames)
         n = sets["novel"]
-        novel = accuracy(adapter, n.x, n.y, n.text, n.class_ids) if adapter.class_agnostic else None
+        novel = accuracy(adapter, n.x, n.y, n.text, n.class_ids, n.classnames) if adapter.class_agnostic else None
         hm = harmonic_mean(base, novel)
         return {"base_acc": _r(base), "novel_acc": _r(novel), "hm": _r(hm)}
     a = sets["all"]
-    return {"acc": _r(accuracy(adapter, a.x, a.y, a.text, a.class_ids))}
+    return {"acc": _r(accuracy(adapter, a.x, a.y, a.text, a.class_ids, a.classnames))}
 
 
 def _r(x: float | None) -> float | None:
@@ -168,6 +185,7 @@ def load_run(folder: str | Path, device: str = "cpu") -> tuple[Adapter, dict[str
     meta = json.loads((folder / "run.json").read_text())
     options = {k: v for k, v in meta["config"].items() if k != "dim"}
     adapter = create_adapter(meta["method"], adapter_config(meta["method"], **options), dim=meta["dim"])
+    _bind_backbone(adapter, meta["store"], device)
     state = torch.load(folder / "state.pt", map_location=device, weights_only=True)
     _load_state(adapter, state)
     return adapter.to(device).eval(), meta
@@ -219,7 +237,7 @@ def evaluate_run(
                 f"'{meta['method']}' has weights for its {len(meta['train_classnames'])} training classes only and "
                 f"cannot score {store.fingerprint['dataset']}'s classes"
             )
-        acc = accuracy(adapter, ev.x, ev.y, ev.text, ev.class_ids)
+        acc = accuracy(adapter, ev.x, ev.y, ev.text, ev.class_ids, ev.classnames)
         target = store.fingerprint["dataset"]
         record = Record(
             method=meta["method"], dataset=meta["dataset"], backbone=meta["backbone"],

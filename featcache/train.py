@@ -87,7 +87,7 @@ def _train(method: Adapter, data: FitData, seed: int, cfg, params, result: FitRe
         total = 0.0
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            loss = F.cross_entropy(method(x[idx], data.text), data.train_y[idx])
+            loss = F.cross_entropy(method.score(x[idx], data.text, None, data.classnames), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,7 +96,7 @@ def _train(method: Adapter, data: FitData, seed: int, cfg, params, result: FitRe
         entry = {"epoch": epoch + 1, "loss": total / n}
         result.epochs = epoch + 1
         if use_val:
-            acc = accuracy(method, data.val_x, data.val_y, data.text)
+            acc = accuracy(method, data.val_x, data.val_y, data.text, None, data.classnames)
             entry["val_acc"] = acc
             if acc > best_acc:
                 best_acc, since = acc, 0

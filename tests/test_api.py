@@ -143,3 +143,8 @@ def test_store_lookup_errors(tmp_path):
 def test_shots_larger_than_a_class(imported):
     with pytest.raises(MethodError, match="50 shots asked, but class 0 \\('class 0'\\) has only 40 training rows"):
         fit_method("zero-shot", name="synth", cache_dir=imported, shots=50)
+
+
+def test_coop_refuses_an_imported_store(imported):
+    with pytest.raises(MethodError, match="runs the backbone's text encoder; an imported store does not say which"):
+        fit_method("coop", name="synth", cache_dir=imported, shots=4)

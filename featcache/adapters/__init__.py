@@ -18,4 +18,4 @@ __all__ = [
 ]  # fmt: skip
 
 # each method registers itself on import
-from . import clip_adapter, linear_probe, mm_attn, tip_adapter, zero_shot  # noqa: E402, F401
+from . import clip_adapter, coop, linear_probe, mm_attn, tip_adapter, zero_shot  # noqa: E402, F401

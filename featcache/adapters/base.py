@@ -85,6 +85,17 @@ class Adapter(nn.Module, abc.ABC):
         (novel classes, another dataset's classes); None means the training classes themselves, in order.
         Methods with per-class state (cache values, linear weights) use it; the others ignore it."""
 
+    def score(
+        self,
+        images: torch.Tensor,
+        text: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+        classnames: list[str] | None = None,
+    ) -> torch.Tensor:
+        """What training and evaluation call. Methods that build their own class text from the class names
+        (prompt learners such as CoOp) override this; the others are their forward."""
+        return self(images, text, class_ids)
+
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

@@ -99,6 +99,7 @@ class EvalSet:
     y: torch.Tensor
     text: torch.Tensor
     class_ids: torch.Tensor
+    classnames: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -181,7 +182,7 @@ def build_task(
             test = store.split("test", device=device, aug=False)
             x, y = _select(test.features, test.labels, cls)
             ids = torch.arange(len(cls), device=device) if seen else torch.full((len(cls),), -1, device=device)
-            return EvalSet(name, x, y, text_all[cls], ids)
+            return EvalSet(name, x, y, text_all[cls], ids, [classnames[c] for c in cls])
 
         return load
 
@@ -209,4 +210,4 @@ def target_eval_set(
         for i, n in enumerate(train_classnames):
             index.setdefault(n, i)
         ids = torch.tensor([index.get(n, -1) for n in store.classnames], dtype=torch.long, device=device)
-    return EvalSet("target", test.features, test.labels, store.text(template).to(device), ids)
+    return EvalSet("target", test.features, test.labels, store.text(template).to(device), ids, store.classnames)

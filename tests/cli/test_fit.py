@@ -20,7 +20,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["zero-shot", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f",
-                                    "mm-attn"])  # fmt: skip
+                                    "mm-attn", "coop"])  # fmt: skip
 def test_fit_every_method(cache, tmp_path, method):
     out = tmp_path / "r.jsonl"
     args = ["fit", "--adapter", method, *TINY, "--cache-dir", str(cache), "--shots", "4", "--results", str(out),
