@@ -250,14 +250,28 @@ def fit(
     device: str = typer.Option("cpu", help="Device for the cached tensors and the method."),
     results: Path | None = typer.Option(None, help="Append the result record to this JSONL file."),
     save: Path | None = typer.Option(None, help="Save the fitted method (state.pt, run.json) in this folder."),
+    data_root: Path | None = typer.Option(None, help="layer-mma, maple: datasets folder (images are streamed)."),
+    workers: int = typer.Option(0, help="layer-mma, maple: DataLoader workers."),
 ) -> None:
-    """Fit an embedding-level method on a store under a protocol, print its metrics, record and save it."""
+    """Fit a method under a protocol, print its metrics, record and save it. Embedding-level methods train on
+    a store; layer-mma and maple stream the dataset's images through the backbone."""
     from featcache.api import fit_method
+    from featcache.streaming.trainer import METHODS, fit_streaming
 
     with _user_errors():
         options = _parse_sets(sets)
         if lam is not None:
             options["lam"] = lam
+        if adapter in METHODS:
+            if dataset is None or backbone is None:
+                raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
+            rec = fit_streaming(
+                adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
+                protocol=protocol, shots=shots, seed=seed, options=options, device=device, workers=workers,
+                results=results, save=save, allow_short_classes=allow_short_classes,
+            )  # fmt: skip
+            _print_record(rec)
+            return
         run = fit_method(
             adapter, dataset=dataset, backbone=backbone, name=name, cache_dir=cache_dir, split_scheme=split_scheme,
             protocol=protocol, shots=shots, seed=seed, template=template, options=options, val_from=val_from,

@@ -42,6 +42,13 @@ class BlockWrapper(nn.Module):
         self.block = block
         self._pre, self._post = pre, post
 
+    def __getattr__(self, name: str):
+        """Everything else (open_clip asks blocks for get_weight_dtype, ln_1, ...) comes from the wrapped block."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._pre is not None:
             x = self._pre(x)

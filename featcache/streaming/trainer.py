@@ -1,0 +1,231 @@
+"""The streaming trainer: full-backbone methods (layer-wise MMA, MaPLe) with images flowing through the encoders.
+
+Same protocol (Dassl's few-shot draw, base-to-novel halves), the same scorer (featcache.evaluate.accuracy, on
+image features produced by the adapted encoder), the same Record. Training images get a fresh random resized
+crop + flip every step, as the references do; text features for evaluation are computed once per evaluation.
+A checkpoint after every epoch lets a killed run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..adapters import MethodError, create_adapter
+from ..backbones import load_backbone
+from ..data import ImageDataset, augment_transform, collate, default_data_root, resolve_split
+from ..errors import DataError
+from ..evaluate import accuracy, harmonic_mean
+from ..manifests import load_manifest
+from ..protocols import base_novel_split, fewshot_draw, rows_sha256
+from ..results import Record, append_record
+from .layer_mma import LayerMMA, LayerMMAConfig
+from .maple import MaPLe, MaPLeConfig
+
+METHODS = {"layer-mma": LayerMMAConfig, "maple": MaPLeConfig}
+
+
+def streaming_config(method: str, options: dict[str, Any] | None = None) -> Any:
+    """The method's config with --set style overrides (strings are coerced to the field's type)."""
+    if method not in METHODS:
+        raise MethodError(f"unknown streaming method '{method}'; available: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in (options or {}).items():
+        if key not in fields:
+            raise MethodError(f"method '{method}' has no option '{key}'; options: {', '.join(sorted(fields))}")
+        kind = type(fields[key].default)
+        try:
+            out[key] = kind(value) if isinstance(value, str) and kind in (int, float) else value
+        except ValueError:
+            raise MethodError(f"option '{key}' of '{method}' needs a {kind.__name__}, got {value!r}") from None
+    return cls(**out)
+
+
+def _build(method: str, cfg: Any, backbone) -> torch.nn.Module:
+    if method == "layer-mma":
+        mod = LayerMMA.for_model(backbone.model, cfg)
+        if not mod.blocks:
+            raise MethodError(f"layer-mma: first_block {cfg.first_block} is past the last block of {backbone.id}")
+        return mod
+    return MaPLe.for_model(backbone.model, backbone.tokenizer, cfg)
+
+
+def _prompts(method: str, cfg: Any, classnames: list[str]) -> list[str]:
+    if method == "layer-mma":
+        return [cfg.template.format(c) for c in classnames]
+    return [f"{cfg.ctx_init} {c}." for c in classnames]  # MaPLe: the first n_ctx words become the context
+
+
+def _lr_at(cfg: Any, epoch: int) -> float:
+    """Dassl's schedule, stepped per epoch: cosine over `epochs`; with MaPLe's constant warm-up, the first
+    epochs run at 1e-5 and the cosine starts after them."""
+    warm = getattr(cfg, "warmup_epochs", 0)
+    if epoch < warm:
+        return 1e-5
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - warm) / max(1, cfg.epochs)))
+
+
+def fit_streaming(
+    method: str,
+    *,
+    dataset: str,
+    backbone: str,
+    data_root: str | Path | None = None,
+    split_scheme: str | None = None,
+    protocol: str = "base2novel",
+    shots: int = 16,
+    seed: int = 1,
+    options: dict[str, Any] | None = None,
+    device: str = "auto",
+    workers: int = 0,
+    results: str | Path | None = None,
+    save: str | Path | None = None,
+    allow_short_classes: bool = False,
+    progress: bool = True,
+) -> Record:
+    """Train a full-backbone method on a dataset's images under a protocol; evaluate, record, save."""
+    if protocol not in ("base2novel", "fewshot"):
+        raise MethodError(f"unknown protocol '{protocol}'; use base2novel or fewshot")
+    cfg = streaming_config(method, options)
+    manifest = load_manifest(dataset)
+    scheme = manifest.scheme(split_scheme)
+    root = Path(data_root).expanduser() if data_root else default_data_root()
+    splits = {s: resolve_split(manifest, scheme, s, root) for s in ("train", "test")}
+    val_split = resolve_split(manifest, scheme, "val", root) if "val" in scheme.splits else None
+    y_train = [it.label for it in splits["train"].items]
+    y_val = [it.label for it in val_split.items] if val_split else None
+    rows, _ = fewshot_draw(y_train, y_val, shots, seed, manifest.classnames, allow_short_classes)
+    drawn = [y_train[r] for r in rows]
+    base, novel = base_novel_split(drawn) if protocol == "base2novel" else (sorted(set(drawn)), [])
+    remap = {c: i for i, c in enumerate(base)}
+    train_rows = [r for r in rows if y_train[r] in remap]
+    train_items = [dataclasses.replace(splits["train"].items[r], label=remap[y_train[r]]) for r in train_rows]
+
+    bb = load_backbone(backbone, device=device, precision="fp32")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = _build(method, cfg, bb).to(bb.device)
+    adapter.attach(bb.model)
+    classnames = [manifest.classnames[c] for c in base]
+    tokens = bb.tokenizer(_prompts(method, cfg, classnames)).to(bb.device)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=getattr(cfg, "momentum", 0.9),
+                          weight_decay=getattr(cfg, "weight_decay", 5e-4))  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    ds = ImageDataset(train_items, splits["train"].source, augment_transform(bb.preprocess_cfg), split="train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                         num_workers=workers, collate_fn=collate)  # fmt: skip
+    steps_per_epoch = len(loader)
+    epochs = cfg.epochs
+    ident = json.dumps([method, dataclasses.asdict(cfg), dataset, backbone, protocol, shots, seed], sort_keys=True)
+    ckpt_dir = Path(save).expanduser() if save else None
+    ckpt = ckpt_dir / "checkpoint.pt" if ckpt_dir else None
+    start, step, history = 0, 0, []
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=bb.device, weights_only=True)
+        if state["ident"] == hashlib.sha256(ident.encode()).hexdigest():
+            adapter.load_state_dict(state["adapter"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start, step, history = state["epoch"], state["step"], json.loads(state["history"])
+    t0 = time.perf_counter()
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, unit="step", desc=method,
+               disable=not progress)  # fmt: skip
+    scale = bb.model.logit_scale.exp().detach()
+    for epoch in range(start, epochs):
+        adapter.train()
+        torch.manual_seed(seed * 1000 + epoch)  # the crops and flips of this epoch, the same after a resume
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, epoch)
+        total, n = 0.0, 0
+        for batch in loader:
+            if batch["bad"]:
+                raise DataError(f"unreadable image {batch['bad'][0][1]}")
+            labels = torch.tensor([train_items[i].label for i in batch["pos"]], device=bb.device)
+            v = F.normalize(bb.model.encode_image(batch["x"].to(bb.device)), dim=-1)
+            t = F.normalize(bb.model.encode_text(tokens), dim=-1)
+            loss = F.cross_entropy(scale * v @ t.t(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total, n = total + loss.item() * len(labels), n + len(labels)
+            bar.update(1)
+        history.append({"epoch": epoch + 1, "loss": total / max(1, n)})
+        if ckpt is not None:  # resumable: a killed run restarts from the last finished epoch
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {"ident": hashlib.sha256(ident.encode()).hexdigest(), "adapter": adapter.state_dict(),
+                     "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "step": step,
+                     "history": json.dumps(history)}  # fmt: skip
+            tmp = ckpt.with_name(ckpt.name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    fit_seconds = time.perf_counter() - t0
+
+    zs = create_adapter("zero-shot", dim=bb.embed_dim)  # the one scorer, on features from the adapted encoder
+    zs.config.logit_scale = float(scale)
+    metrics = _evaluate(adapter, bb, method, cfg, manifest, splits["test"], base, novel, zs, workers)
+    record = Record(
+        method=method, dataset=manifest.id, backbone=bb.id, protocol=protocol, shots=shots, seed=seed,
+        metrics=metrics, fit_seconds=round(fit_seconds, 4), trainable_params=adapter.trainable_params(),
+        config=dataclasses.asdict(cfg),
+        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
+               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        sampled={"n_train": len(train_rows), "train_rows_sha256": rows_sha256(train_rows)},
+        fit={"epochs": len(history), "history": history},
+    )  # fmt: skip
+    if results:
+        append_record(results, record)
+    if ckpt_dir is not None:
+        torch.save({k: v.detach().cpu() for k, v in adapter.state_dict().items()}, ckpt_dir / "state.pt")
+        (ckpt_dir / "run.json").write_text(
+            json.dumps(
+                {"method": method, "config": record.config, "metrics": metrics, "run_id": record.run_id}, indent=2
+            )
+        )
+    adapter.detach(bb.model)
+    return record
+
+
+@torch.no_grad()
+def _evaluate(adapter, bb, method, cfg, manifest, test, base, novel, zs, workers) -> dict[str, float | None]:
+    adapter.eval()
+    ds = ImageDataset(test.items, test.source, bb.preprocess, split="test")
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=collate)
+    feats, labels = [], []
+    for batch in loader:
+        if batch["bad"]:
+            raise DataError(f"unreadable image {batch['bad'][0][1]}")
+        feats.append(F.normalize(bb.model.encode_image(batch["x"].to(bb.device)), dim=-1))
+        labels += [test.items[i].label for i in batch["pos"]]
+    x, y = torch.cat(feats), torch.tensor(labels, device=bb.device)
+
+    def score(classes: list[int]) -> float | None:
+        if not classes:
+            return None
+        keep = torch.isin(y, torch.tensor(classes, device=y.device))
+        remap = torch.full((len(manifest.classnames),), -1, dtype=torch.long, device=y.device)
+        remap[torch.tensor(classes, device=y.device)] = torch.arange(len(classes), device=y.device)
+        names = [manifest.classnames[c] for c in classes]
+        t = F.normalize(bb.model.encode_text(bb.tokenizer(_prompts(method, cfg, names)).to(bb.device)), dim=-1)
+        return accuracy(zs, x[keep], remap[y[keep]], t)
+
+    b, n = score(base), score(novel)
+    if not novel:
+        return {"acc": None if b is None else round(b, 4)}
+    h = harmonic_mean(b, n)
+    return {"base_acc": round(b, 4), "novel_acc": round(n, 4), "hm": None if h is None else round(h, 4)}

@@ -1,0 +1,66 @@
+"""The streaming trainer end to end on digits and the tiny architecture."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from featcache.adapters import MethodError
+from featcache.streaming.trainer import fit_streaming, streaming_config
+
+TINY = {"dataset": "digits", "backbone": "featcache-tiny/random", "shots": 2, "progress": False}
+MMA = {"first_block": 1, "epochs": 2, "batch_size": 8}
+
+
+def test_deterministic_and_recorded(tmp_path):
+    a = fit_streaming("layer-mma", **TINY, options=MMA, save=tmp_path / "a", results=tmp_path / "r.jsonl")
+    b = fit_streaming("layer-mma", **TINY, options=MMA, save=tmp_path / "b")
+    assert a.metrics == b.metrics and set(a.metrics) == {"base_acc", "novel_acc", "hm"}
+    sa, sb = (torch.load(p / "state.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    rec = json.loads((tmp_path / "r.jsonl").read_text())
+    assert rec["method"] == "layer-mma" and rec["store"]["streaming"] is True and rec["sampled"]["n_train"] == 10
+    assert rec["trainable_params"] == 2 * (64 * 32 + 32 + 32 * 64 + 64) * 2 + 2 * (32 * 32 + 32)
+    assert rec["fit"]["epochs"] == 2
+
+
+def test_killed_run_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    clean = fit_streaming("layer-mma", **TINY, options=MMA, save=tmp_path / "clean")
+    real_step, calls = torch.optim.SGD.step, {"n": 0}
+
+    def crash_in_epoch_two(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 10 images, batch 8: two steps per epoch
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        fit_streaming("layer-mma", **TINY, options=MMA, save=tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
+    resumed = fit_streaming("layer-mma", **TINY, options=MMA, save=tmp_path / "run")
+    assert resumed.metrics == clean.metrics
+    a, b = (torch.load(p / "state.pt", weights_only=True) for p in (tmp_path / "clean", tmp_path / "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_options_are_checked():
+    with pytest.raises(MethodError, match="method 'maple' has no option 'first_block'"):
+        streaming_config("maple", {"first_block": 1})
+    assert streaming_config("maple", {"depth": "3"}).depth == 3
+    with pytest.raises(MethodError, match="first_block 5 is past the last block"):
+        fit_streaming("layer-mma", **TINY, options={"epochs": 1})  # the tiny model has 2 blocks
+
+
+@pytest.mark.parametrize("method,sets", [("layer-mma", ["first_block=1"]), ("maple", ["depth=2", "batch_size=8"])])
+def test_cli(tmp_path, method, sets):
+    args = ["fit", "--adapter", method, "--dataset", "digits", "--backbone", "featcache-tiny/random", "--shots", "2",
+            "--protocol", "fewshot", "--set", "epochs=1", "--results", str(tmp_path / "r.jsonl")]  # fmt: skip
+    for s in sets:
+        args += ["--set", s]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"{method}" in r.output and "fewshot 2-shot seed 1:  acc" in r.output
