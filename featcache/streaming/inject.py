@@ -75,6 +75,18 @@ class SubmoduleWrapper(BlockWrapper):
     """The same wrapper for a non-block submodule (token embedding, ln_pre): `pre`/`post` around it."""
 
 
+class Injected(nn.Module):
+    """Base of the full-backbone methods: trainable parts that `attach` into a model and `detach` from it."""
+
+    @staticmethod
+    def detach(model: nn.Module) -> nn.Module:
+        restore(model)
+        return model
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
 def text_tower(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """(the module holding the text transformer, its resblocks) for open_clip's CLIP and CustomTextCLIP."""
     owner = model.text if hasattr(model, "text") else model

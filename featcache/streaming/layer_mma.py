@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import BlockWrapper, grad_scale, restore, text_tower, vision_tower
+from .inject import BlockWrapper, Injected, grad_scale, text_tower, vision_tower
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _kaiming(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
-class LayerMMA(nn.Module):
+class LayerMMA(Injected):
     """The adapters only; `attach(model)` injects them into an open_clip CLIP model's blocks."""
 
     def __init__(self, config: LayerMMAConfig, text_width: int, vision_width: int, num_blocks: int):
@@ -85,11 +85,3 @@ class LayerMMA(nn.Module):
 
                 resblocks[b] = BlockWrapper(block, post=post)
         return model
-
-    @staticmethod
-    def detach(model: nn.Module) -> nn.Module:
-        restore(model)
-        return model
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .inject import BlockWrapper, SubmoduleWrapper, restore, text_tower, vision_tower
+from .inject import BlockWrapper, Injected, SubmoduleWrapper, text_tower, vision_tower
 
 
 @dataclass
@@ -33,7 +33,7 @@ class MaPLeConfig:
     schedule: str = field(default="cosine", metadata={"help": "cosine after warm-up"})
 
 
-class MaPLe(nn.Module):
+class MaPLe(Injected):
     """The prompts only; `attach(model, tokenizer)` injects them into an open_clip CLIP model."""
 
     def __init__(self, config: MaPLeConfig, text_width: int, vision_width: int, ctx_init: torch.Tensor | None = None):
@@ -83,11 +83,3 @@ class MaPLe(nn.Module):
             tblocks[i + 1] = BlockWrapper(tblocks[i + 1], pre=text_pre)
             vblocks[i + 1] = BlockWrapper(vblocks[i + 1], pre=vision_pre)
         return model
-
-    @staticmethod
-    def detach(model: nn.Module) -> nn.Module:
-        restore(model)
-        return model
-
-    def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
