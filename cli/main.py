@@ -54,6 +54,9 @@ def extract(
     precision: str = typer.Option("auto", help="auto (fp16 on cuda, else fp32), fp32, bf16, fp16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a store made with other settings."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    cache_layer: int | None = typer.Option(
+        None, help="Also cache the vision tokens entering block N+1 (float16) for layer-mma's partial-backbone path."
+    ),
 ) -> None:
     """Run a frozen open_clip model once over a dataset and cache unit-norm image and class-text features."""
     from featcache.extract import extract as run
@@ -70,6 +73,17 @@ def extract(
         )  # fmt: skip
         with Store.open(path) as st:
             _print_summary(st.summary())
+        if cache_layer is not None:
+            from featcache.streaming.partial import extract_tokens
+
+            if manifest is not None:
+                raise FeatcacheError("--cache-layer works with a bundled --dataset")
+            tok = extract_tokens(
+                dataset, backbone, cache_layer, data_root=data_root, cache_dir=cache_dir, split_scheme=split_scheme,
+                splits=splits, batch_size=batch_size, workers=workers or 0, augment_views=augment_views,
+                augment_seed=augment_seed, device=device, progress=not quiet,
+            )  # fmt: skip
+            typer.echo(f"token cache: {tok} ({tok.stat().st_size / 2**20:.1f} MB)")
 
 
 @app.command("import")
@@ -252,6 +266,9 @@ def fit(
     save: Path | None = typer.Option(None, help="Save the fitted method (state.pt, run.json) in this folder."),
     data_root: Path | None = typer.Option(None, help="layer-mma, maple: datasets folder (images are streamed)."),
     workers: int = typer.Option(0, help="layer-mma, maple: DataLoader workers."),
+    cache_layer: int | None = typer.Option(
+        None, help="layer-mma: train from the partial-backbone cache at this layer."
+    ),
 ) -> None:
     """Fit a method under a protocol, print its metrics, record and save it. Embedding-level methods train on
     a store; layer-mma and maple stream the dataset's images through the backbone."""
@@ -268,7 +285,8 @@ def fit(
             rec = fit_streaming(
                 adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
                 protocol=protocol, shots=shots, seed=seed, options=options, device=device, workers=workers,
-                results=results, save=save, allow_short_classes=allow_short_classes,
+                results=results, save=save, allow_short_classes=allow_short_classes, cache_layer=cache_layer,
+                cache_dir=cache_dir,
             )  # fmt: skip
             _print_record(rec)
             return

@@ -32,6 +32,7 @@ from ..protocols import base_novel_split, fewshot_draw, rows_sha256
 from ..results import Record, append_record
 from .layer_mma import LayerMMA, LayerMMAConfig
 from .maple import MaPLe, MaPLeConfig
+from .partial import encode_from_tokens, open_tokens
 
 METHODS = {"layer-mma": LayerMMAConfig, "maple": MaPLeConfig}
 
@@ -95,8 +96,12 @@ def fit_streaming(
     save: str | Path | None = None,
     allow_short_classes: bool = False,
     progress: bool = True,
+    cache_layer: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Record:
-    """Train a full-backbone method on a dataset's images under a protocol; evaluate, record, save."""
+    """Train a full-backbone method on a dataset's images under a protocol; evaluate, record, save.
+    With `cache_layer`, layer-mma reads the vision tokens entering that block from the partial-backbone cache
+    (`featcache extract --cache-layer`) and runs only the blocks after it."""
     if protocol not in ("base2novel", "fewshot"):
         raise MethodError(f"unknown protocol '{protocol}'; use base2novel or fewshot")
     cfg = streaming_config(method, options)
@@ -119,6 +124,12 @@ def fit_streaming(
         torch.manual_seed(seed)
         adapter = _build(method, cfg, bb).to(bb.device)
     adapter.attach(bb.model)
+    tokens_cache = None
+    if cache_layer is not None:
+        if method != "layer-mma" or cfg.first_block - 1 < cache_layer:
+            raise MethodError("the partial cache serves layer-mma when its first adapted block comes after the layer")
+        tokens_cache = open_tokens(bb, manifest, scheme.name, cache_layer, cache_dir)
+        tr_tokens, tr_views = tokens_cache.rows("train", train_rows, aug=True)
     classnames = [manifest.classnames[c] for c in base]
     tokens = bb.tokenizer(_prompts(method, cfg, classnames)).to(bb.device)
     params = [p for p in adapter.parameters() if p.requires_grad]
@@ -128,7 +139,7 @@ def fit_streaming(
     ds = ImageDataset(train_items, splits["train"].source, augment_transform(bb.preprocess_cfg), split="train")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          num_workers=workers, collate_fn=collate)  # fmt: skip
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) if tokens_cache is None else math.ceil(len(train_rows) / cfg.batch_size)
     epochs = cfg.epochs
     ident = json.dumps([method, dataclasses.asdict(cfg), dataset, backbone, protocol, shots, seed], sort_keys=True)
     ckpt_dir = Path(save).expanduser() if save else None
@@ -151,11 +162,13 @@ def fit_streaming(
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, epoch)
         total, n = 0.0, 0
-        for batch in loader:
-            if batch["bad"]:
-                raise DataError(f"unreadable image {batch['bad'][0][1]}")
-            labels = torch.tensor([train_items[i].label for i in batch["pos"]], device=bb.device)
-            v = F.normalize(bb.model.encode_image(batch["x"].to(bb.device)), dim=-1)
+        for pos, images in _batches(loader, tokens_cache, tr_tokens if tokens_cache else None,
+                                    tr_views if tokens_cache else None, cfg.batch_size, gen):  # fmt: skip
+            labels = torch.tensor([train_items[i].label for i in pos], device=bb.device)
+            if tokens_cache is None:
+                v = F.normalize(bb.model.encode_image(images.to(bb.device)), dim=-1)
+            else:
+                v = F.normalize(encode_from_tokens(bb.model, images.to(bb.device).float(), cache_layer), dim=-1)
             t = F.normalize(bb.model.encode_text(tokens), dim=-1)
             loss = F.cross_entropy(scale * v @ t.t(), labels)
             opt.zero_grad(set_to_none=True)
@@ -178,7 +191,13 @@ def fit_streaming(
 
     zs = create_adapter("zero-shot", dim=bb.embed_dim)  # the one scorer, on features from the adapted encoder
     zs.config.logit_scale = float(scale)
-    metrics = _evaluate(adapter, bb, method, cfg, manifest, splits["test"], base, novel, zs, workers)
+    test_tokens = None
+    if tokens_cache is not None and "test" in tokens_cache.h5["splits"]:
+        test_tokens = tokens_cache.rows("test", list(range(len(splits["test"].items))), aug=False)[0]
+    metrics = _evaluate(adapter, bb, method, cfg, manifest, splits["test"], base, novel, zs, workers,
+                        test_tokens, cache_layer)  # fmt: skip
+    if tokens_cache is not None:
+        tokens_cache.close()
     record = Record(
         method=method, dataset=manifest.id, backbone=bb.id, protocol=protocol, shots=shots, seed=seed,
         metrics=metrics, fit_seconds=round(fit_seconds, 4), trainable_params=adapter.trainable_params(),
@@ -201,17 +220,42 @@ def fit_streaming(
     return record
 
 
+def _batches(loader, tokens_cache, tr_tokens, tr_views, batch_size, gen):
+    """(positions, images or cached tokens) for one epoch: streamed images, or cached tokens (one augmented view
+    per row per epoch when the cache holds views)."""
+    if tokens_cache is None:
+        for batch in loader:
+            if batch["bad"]:
+                raise DataError(f"unreadable image {batch['bad'][0][1]}")
+            yield batch["pos"], batch["x"]
+        return
+    n = len(tr_tokens)
+    pick = torch.randint(tr_views.shape[1], (n,), generator=gen) if tr_views is not None else None
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        idx = perm[i : i + batch_size]
+        yield idx.tolist(), (tr_views[idx, pick[idx]] if pick is not None else tr_tokens[idx])
+
+
 @torch.no_grad()
-def _evaluate(adapter, bb, method, cfg, manifest, test, base, novel, zs, workers) -> dict[str, float | None]:
+def _evaluate(
+    adapter, bb, method, cfg, manifest, test, base, novel, zs, workers, test_tokens=None, cache_layer=None
+) -> dict[str, float | None]:
     adapter.eval()
-    ds = ImageDataset(test.items, test.source, bb.preprocess, split="test")
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=collate)
     feats, labels = [], []
-    for batch in loader:
-        if batch["bad"]:
-            raise DataError(f"unreadable image {batch['bad'][0][1]}")
-        feats.append(F.normalize(bb.model.encode_image(batch["x"].to(bb.device)), dim=-1))
-        labels += [test.items[i].label for i in batch["pos"]]
+    if test_tokens is not None:  # from the partial cache: only the blocks after the cached layer run
+        for i in range(0, len(test_tokens), 256):
+            chunk = test_tokens[i : i + 256].to(bb.device).float()
+            feats.append(F.normalize(encode_from_tokens(bb.model, chunk, cache_layer), dim=-1))
+        labels = [it.label for it in test.items]
+    else:
+        ds = ImageDataset(test.items, test.source, bb.preprocess, split="test")
+        loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=collate)
+        for batch in loader:
+            if batch["bad"]:
+                raise DataError(f"unreadable image {batch['bad'][0][1]}")
+            feats.append(F.normalize(bb.model.encode_image(batch["x"].to(bb.device)), dim=-1))
+            labels += [test.items[i].label for i in batch["pos"]]
     x, y = torch.cat(feats), torch.tensor(labels, device=bb.device)
 
     def score(classes: list[int]) -> float | None:
