@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -288,7 +289,8 @@ def fit(
                 results=results, save=save, allow_short_classes=allow_short_classes, cache_layer=cache_layer,
                 cache_dir=cache_dir,
             )  # fmt: skip
-            _print_record(rec)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+                _print_record(rec)
             return
         run = fit_method(
             adapter, dataset=dataset, backbone=backbone, name=name, cache_dir=cache_dir, split_scheme=split_scheme,

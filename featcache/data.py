@@ -307,6 +307,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.items, self.source, self.preprocess = items, source, preprocess
         self.offset, self.split = offset, split
         self.aug, self.aug_views, self.aug_seed = aug, aug_views, aug_seed
+        self.preprocess_seed: int | None = None  # set: `preprocess` (a random crop) is seeded per item
 
     def __len__(self) -> int:
         return len(self.items)
@@ -315,7 +316,12 @@ class ImageDataset(torch.utils.data.Dataset):
         item = self.items[i]
         try:
             img = load_image(item.ref, self.source)
-            x = self.preprocess(img)
+            if self.preprocess_seed is None:
+                x = self.preprocess(img)
+            else:  # the same crop for this item whatever the batching, worker or process that loads it
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(view_seed(self.preprocess_seed, self.split, self.offset + i))
+                    x = self.preprocess(img)
             views = None
             if self.aug_views:
                 with torch.random.fork_rng(devices=[]):

@@ -119,6 +119,8 @@ def fit_streaming(
     train_rows = [r for r in rows if y_train[r] in remap]
     train_items = [dataclasses.replace(splits["train"].items[r], label=remap[y_train[r]]) for r in train_rows]
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per torchrun process
     bb = load_backbone(backbone, device=device, precision="fp32")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -137,9 +139,16 @@ def fit_streaming(
                           weight_decay=getattr(cfg, "weight_decay", 5e-4))  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     ds = ImageDataset(train_items, splits["train"].source, augment_transform(bb.preprocess_cfg), split="train")
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         num_workers=workers, collate_fn=collate)  # fmt: skip
-    steps_per_epoch = len(loader) if tokens_cache is None else math.ceil(len(train_rows) / cfg.batch_size)
+    rank, world = _distributed(bb.device)
+    step_fn = _StepLoss(adapter, bb, tokens, cache_layer)
+    stepper = step_fn
+    if world > 1:  # every rank computes its shard of each global batch; DDP averages the gradients
+        ids = [bb.device.index] if bb.device.type == "cuda" else None
+        stepper = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=ids)
+    n_train = len(train_items)
+    full_batches = n_train // cfg.batch_size
+    last = n_train - full_batches * cfg.batch_size
+    steps_per_epoch = full_batches + (1 if last >= world else 0)  # a last batch smaller than the ranks is dropped
     epochs = cfg.epochs
     ident = json.dumps([method, dataclasses.asdict(cfg), dataset, backbone, protocol, shots, seed], sort_keys=True)
     ckpt_dir = Path(save).expanduser() if save else None
@@ -158,19 +167,28 @@ def fit_streaming(
     scale = bb.model.logit_scale.exp().detach()
     for epoch in range(start, epochs):
         adapter.train()
-        torch.manual_seed(seed * 1000 + epoch)  # the crops and flips of this epoch, the same after a resume
+        ds.preprocess_seed = seed * 1000 + epoch  # this epoch's crops and flips, the same after a resume
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, epoch)
         total, n = 0.0, 0
-        for pos, images in _batches(loader, tokens_cache, tr_tokens if tokens_cache else None,
-                                    tr_views if tokens_cache else None, cfg.batch_size, gen):  # fmt: skip
+        perm = torch.randperm(n_train, generator=gen)
+        pick = (
+            torch.randint(tr_views.shape[1], (n_train,), generator=gen)
+            if tokens_cache and tr_views is not None
+            else None
+        )
+        shards = [perm[i : i + cfg.batch_size][rank::world].tolist() for i in range(0, n_train, cfg.batch_size)]
+        shards = shards[:steps_per_epoch]
+        if tokens_cache is None:
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=shards, num_workers=workers, collate_fn=collate)
+            batches = ((b["pos"], b["x"], b["bad"]) for b in loader)
+        else:
+            batches = ((s, tr_views[s, pick[s]] if pick is not None else tr_tokens[s], []) for s in shards)
+        for pos, images, bad in batches:
+            if bad:
+                raise DataError(f"unreadable image {bad[0][1]}")
             labels = torch.tensor([train_items[i].label for i in pos], device=bb.device)
-            if tokens_cache is None:
-                v = F.normalize(bb.model.encode_image(images.to(bb.device)), dim=-1)
-            else:
-                v = F.normalize(encode_from_tokens(bb.model, images.to(bb.device).float(), cache_layer), dim=-1)
-            t = F.normalize(bb.model.encode_text(tokens), dim=-1)
-            loss = F.cross_entropy(scale * v @ t.t(), labels)
+            loss = stepper(images.to(bb.device), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -178,7 +196,7 @@ def fit_streaming(
             total, n = total + loss.item() * len(labels), n + len(labels)
             bar.update(1)
         history.append({"epoch": epoch + 1, "loss": total / max(1, n)})
-        if ckpt is not None:  # resumable: a killed run restarts from the last finished epoch
+        if ckpt is not None and rank == 0:  # resumable: a killed run restarts from the last finished epoch
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"ident": hashlib.sha256(ident.encode()).hexdigest(), "adapter": adapter.state_dict(),
                      "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "step": step,
@@ -207,9 +225,9 @@ def fit_streaming(
         sampled={"n_train": len(train_rows), "train_rows_sha256": rows_sha256(train_rows)},
         fit={"epochs": len(history), "history": history},
     )  # fmt: skip
-    if results:
+    if results and rank == 0:
         append_record(results, record)
-    if ckpt_dir is not None:
+    if ckpt_dir is not None and rank == 0:
         torch.save({k: v.detach().cpu() for k, v in adapter.state_dict().items()}, ckpt_dir / "state.pt")
         (ckpt_dir / "run.json").write_text(
             json.dumps(
@@ -217,24 +235,44 @@ def fit_streaming(
             )
         )
     adapter.detach(bb.model)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has written its files
+        dist.destroy_process_group()
     return record
 
 
-def _batches(loader, tokens_cache, tr_tokens, tr_views, batch_size, gen):
-    """(positions, images or cached tokens) for one epoch: streamed images, or cached tokens (one augmented view
-    per row per epoch when the cache holds views)."""
-    if tokens_cache is None:
-        for batch in loader:
-            if batch["bad"]:
-                raise DataError(f"unreadable image {batch['bad'][0][1]}")
-            yield batch["pos"], batch["x"]
-        return
-    n = len(tr_tokens)
-    pick = torch.randint(tr_views.shape[1], (n,), generator=gen) if tr_views is not None else None
-    perm = torch.randperm(n, generator=gen)
-    for i in range(0, n, batch_size):
-        idx = perm[i : i + batch_size]
-        yield idx.tolist(), (tr_views[idx, pick[idx]] if pick is not None else tr_tokens[idx])
+class _StepLoss(torch.nn.Module):
+    """One training loss as a module whose only parameters are the method's, so DistributedDataParallel can
+    synchronise exactly those (the frozen backbone is referenced, not owned)."""
+
+    def __init__(self, adapter: torch.nn.Module, bb, tokens: torch.Tensor, cache_layer: int | None):
+        super().__init__()
+        self.adapter = adapter
+        self._bb, self._tokens, self._layer = (bb,), tokens, cache_layer
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model = self._bb[0].model
+        if self._layer is None:
+            v = model.encode_image(images)
+        else:
+            v = encode_from_tokens(model, images.float(), self._layer)
+        t = F.normalize(model.encode_text(self._tokens), dim=-1)
+        logits = model.logit_scale.exp().detach() * F.normalize(v, dim=-1) @ t.t()
+        return F.cross_entropy(logits, labels)
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): 1 process unless started by torchrun (gloo on cpu, nccl on cuda)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 @torch.no_grad()
