@@ -94,7 +94,9 @@ def load_sweep(path: str | Path) -> Sweep:
     methods = need("methods", list, [])
     shots = need("shots", list, [16])
     seeds = need("seeds", list, [1, 2, 3])
-    known = set(list_adapters())
+    from .streaming.trainer import METHODS as STREAMING
+
+    known = set(list_adapters()) | set(STREAMING)
     for m in methods:
         if m not in known:
             raise SweepError(f"{path}: unknown method {m!r} in 'methods'; available: {', '.join(sorted(known))}")
@@ -165,6 +167,18 @@ def run_job(job: Job, sweep: Sweep, cache_dir: str | None, runs_dir: str, thread
     common = {"method": job.method, "dataset": job.dataset, "backbone": job.backbone, "shots": job.shots,
               "seed": job.seed, "variant": job.variant}  # fmt: skip
     try:
+        from .streaming.trainer import METHODS as STREAMING
+        from .streaming.trainer import fit_streaming
+
+        if job.method in STREAMING:  # full-backbone methods stream the dataset's images
+            if job.targets:
+                raise FeatcacheError(f"{job.method}: cross-dataset evaluation of streaming runs is not supported yet")
+            rec = fit_streaming(
+                job.method, dataset=job.dataset, backbone=job.backbone, data_root=sweep.raw.get("data_root"),
+                protocol=job.protocol, shots=job.shots, seed=job.seed, options=dict(job.options), progress=False,
+            )  # fmt: skip
+            rec.variant, rec.sweep_key = job.variant, job.key()
+            return [rec]
         save = Path(runs_dir) / job.key() if job.targets else None
         run = fit_method(
             job.method, dataset=job.dataset, backbone=job.backbone, cache_dir=cache_dir, protocol=job.protocol,

@@ -132,3 +132,14 @@ def test_shipped_sweeps_parse():
     assert len(sweeps["base2novel"].jobs) == 11 * 7 * 3  # 6 methods + the hard-mask variant, 3 seeds
     assert {j.shots for j in sweeps["fewshot"].jobs} == {1, 2, 4, 8, 16}
     assert sweeps["dg"].jobs[0].targets == ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+def test_streaming_methods_in_a_sweep(tmp_path, cache):
+    text = GRID.format(extra="").replace('methods = ["zero-shot", "tip-adapter"]', 'methods = ["zero-shot"]')
+    text += '\n[[variants]]\nname = "layer-mma (tiny)"\nmethod = "layer-mma"\n'
+    text += "options = { first_block = 1, epochs = 1, batch_size = 8 }\n"
+    out = tmp_path / "r.jsonl"
+    c = run_sweep(load_sweep(write(tmp_path, text=text)), out, cache_dir=cache, progress=False)
+    assert c["done"] == 4 and c["failed"] == 0
+    recs = [r for r in read_records(out) if r["method"] == "layer-mma"]
+    assert len(recs) == 2 and recs[0]["variant"] == "layer-mma (tiny)" and recs[0]["store"]["streaming"]

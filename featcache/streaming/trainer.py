@@ -165,6 +165,8 @@ def fit_streaming(
     bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, unit="step", desc=method,
                disable=not progress)  # fmt: skip
     scale = bb.model.logit_scale.exp().detach()
+    amp = bb.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     for epoch in range(start, epochs):
         adapter.train()
         ds.preprocess_seed = seed * 1000 + epoch  # this epoch's crops and flips, the same after a resume
@@ -188,10 +190,12 @@ def fit_streaming(
             if bad:
                 raise DataError(f"unreadable image {bad[0][1]}")
             labels = torch.tensor([train_items[i].label for i in pos], device=bb.device)
-            loss = stepper(images.to(bb.device), labels)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):  # AMP where available, as the references
+                loss = stepper(images.to(bb.device), labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             total, n = total + loss.item() * len(labels), n + len(labels)
             bar.update(1)
