@@ -324,7 +324,10 @@ def eval_(
 @app.command()
 def methods(method: str | None = typer.Argument(None, help="Show one method's options.")) -> None:
     """List the methods, or one method's options with defaults and help."""
+    import dataclasses
+
     from featcache.adapters import config_help, create_adapter, list_adapters
+    from featcache.streaming.trainer import METHODS as STREAMING
 
     with _user_errors():
         if method is None:
@@ -333,6 +336,13 @@ def methods(method: str | None = typer.Argument(None, help="Show one method's op
                 kind = "gradient-trained" if a.trainable else "closed form"
                 doc = (sys.modules[type(a).__module__].__doc__ or "").strip().splitlines()[0]
                 typer.echo(f"{m:<14} {kind:<17} {doc}")
+            for m, cfg in STREAMING.items():
+                doc = (sys.modules[cfg.__module__].__doc__ or "").strip().splitlines()[0]
+                typer.echo(f"{m:<14} {'full backbone':<17} {doc}")
+            return
+        if method in STREAMING:
+            for f in dataclasses.fields(STREAMING[method]):
+                typer.echo(f"  {f.name + '=' + str(f.default):<32} {f.metadata.get('help', '')}")
             return
         for key, default, text in config_help(method):
             value = ",".join(map(str, default)) if isinstance(default, list) else default
@@ -390,7 +400,7 @@ def plot(
     kind: str = typer.Option("base-novel", help="base-novel or shots."),
     out: Path = typer.Option(..., help="PNG file to write."),
 ) -> None:
-    """Base vs novel accuracy per method, or accuracy vs shots (needs matplotlib: featcache[plot])."""
+    """Base vs novel accuracy per method, or accuracy vs shots (needs matplotlib: the 'plot' extra)."""
     from featcache.plots import plot as run
 
     with _user_errors():

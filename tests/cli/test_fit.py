@@ -115,3 +115,10 @@ def test_sweep_leaderboard_plot_commands(cache, tmp_path):
     assert r.exit_code == 1 and "no successful fewshot records" in r.stderr
     r = runner.invoke(app, ["plot", str(out), "--kind", "base-novel", "--out", str(tmp_path / "p.png")])
     assert r.exit_code == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_methods_lists_streaming_methods_too():
+    r = runner.invoke(app, ["methods"])
+    assert "layer-mma      full backbone" in r.output and "maple          full backbone" in r.output
+    r = runner.invoke(app, ["methods", "maple"])
+    assert "depth=9" in r.output and "n_ctx=2" in r.output
