@@ -311,11 +311,23 @@ def eval_(
     template: str | None = typer.Option(None, help="Class text template (default: the run's)."),
     device: str = typer.Option("cpu", help="Device."),
     results: Path | None = typer.Option(None, help="Append the result record to this JSONL file."),
+    data_root: Path | None = typer.Option(None, help="layer-mma, maple runs: datasets folder (images are streamed)."),
+    workers: int = typer.Option(0, help="layer-mma, maple runs: DataLoader workers."),
 ) -> None:
-    """Evaluate a saved method on another store's test split (cross-dataset, domain generalization)."""
+    """Evaluate a saved method on another dataset's test split (cross-dataset, domain generalization)."""
     from featcache.api import evaluate_run
 
     with _user_errors():
+        meta_file = run / "run.json"
+        if meta_file.exists() and json.loads(meta_file.read_text()).get("streaming"):
+            from featcache.streaming.trainer import evaluate_streaming_run
+
+            if dataset is None:
+                raise FeatcacheError("give the target --dataset")
+            rec = evaluate_streaming_run(run, dataset=dataset, data_root=data_root, split_scheme=split_scheme,
+                                         device=device, workers=workers, results=results)  # fmt: skip
+            _print_record(rec)
+            return
         rec = evaluate_run(run, dataset=dataset, backbone=backbone, name=name, cache_dir=cache_dir,
                            split_scheme=split_scheme, template=template, device=device, results=results)  # fmt: skip
         _print_record(rec)

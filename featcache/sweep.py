@@ -137,8 +137,10 @@ def load_sweep(path: str | Path) -> Sweep:
 def missing_stores(sweep: Sweep, cache_dir: str | Path | None) -> list[tuple[str, str, str]]:
     """(backbone, dataset, extract command) for every store the sweep needs that does not exist."""
     from .extract import store_path
+    from .streaming.trainer import METHODS as STREAMING
 
-    need = {(j.backbone, d) for j in sweep.jobs for d in (j.dataset, *j.targets)}
+    # full-backbone methods read images, not stores (a coop run reads a store: it stays in)
+    need = {(j.backbone, d) for j in sweep.jobs if j.method not in STREAMING for d in (j.dataset, *j.targets)}
     out = []
     for b, d in sorted(need):
         m = load_manifest(d)
@@ -168,17 +170,29 @@ def run_job(job: Job, sweep: Sweep, cache_dir: str | None, runs_dir: str, thread
               "seed": job.seed, "variant": job.variant}  # fmt: skip
     try:
         from .streaming.trainer import METHODS as STREAMING
-        from .streaming.trainer import fit_streaming
+        from .streaming.trainer import evaluate_streaming_run, fit_streaming
 
         if job.method in STREAMING:  # full-backbone methods stream the dataset's images
-            if job.targets:
-                raise FeatcacheError(f"{job.method}: cross-dataset evaluation of streaming runs is not supported yet")
+            data_root = sweep.raw.get("data_root")
+            save = Path(runs_dir) / job.key() if job.targets else None
             rec = fit_streaming(
-                job.method, dataset=job.dataset, backbone=job.backbone, data_root=sweep.raw.get("data_root"),
-                protocol=job.protocol, shots=job.shots, seed=job.seed, options=dict(job.options), progress=False,
+                job.method, dataset=job.dataset, backbone=job.backbone, data_root=data_root, protocol=job.protocol,
+                shots=job.shots, seed=job.seed, options=dict(job.options), progress=False, save=save,
             )  # fmt: skip
-            rec.variant, rec.sweep_key = job.variant, job.key()
-            return [rec]
+            if not job.targets:
+                rec.variant, rec.sweep_key = job.variant, job.key()
+                return [rec]
+            out = []
+            for t in job.targets:
+                r = evaluate_streaming_run(save, dataset=t, data_root=data_root)
+                r.protocol, r.fit_seconds, r.variant, r.sweep_key = (
+                    sweep.protocol,
+                    rec.fit_seconds,
+                    job.variant,
+                    job.key(t),
+                )
+                out.append(r)
+            return out
         save = Path(runs_dir) / job.key() if job.targets else None
         run = fit_method(
             job.method, dataset=job.dataset, backbone=job.backbone, cache_dir=cache_dir, protocol=job.protocol,
@@ -232,8 +246,12 @@ def run_sweep(
             echo(f"  {cmd}")
     lacking = {(b, d) for b, d, _ in missing}
     todo_all = pending(sweep, results)
-    todo = [j for j in todo_all if (j.backbone, j.dataset) not in lacking]
-    todo = [j for j in todo if not any((j.backbone, t) in lacking for t in j.targets)]
+    from .streaming.trainer import METHODS as STREAMING
+
+    def waits(j: Job) -> bool:
+        return j.method not in STREAMING and any((j.backbone, d) in lacking for d in (j.dataset, *j.targets))
+
+    todo = [j for j in todo_all if not waits(j)]
     counts = {"skipped": len(sweep.jobs) - len(todo_all), "missing": len(todo_all) - len(todo), "done": 0, "failed": 0}
     runs_dir = str(Path(results).expanduser().with_suffix("")) + ".runs"
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..adapters import MethodError, create_adapter
+from ..api import DG_TARGETS
 from ..backbones import load_backbone
 from ..data import ImageDataset, augment_transform, collate, default_data_root, resolve_split
 from ..errors import DataError
@@ -233,11 +234,10 @@ def fit_streaming(
         append_record(results, record)
     if ckpt_dir is not None and rank == 0:
         torch.save({k: v.detach().cpu() for k, v in adapter.state_dict().items()}, ckpt_dir / "state.pt")
-        (ckpt_dir / "run.json").write_text(
-            json.dumps(
-                {"method": method, "config": record.config, "metrics": metrics, "run_id": record.run_id}, indent=2
-            )
-        )
+        meta = {"streaming": True, "method": method, "config": record.config, "metrics": metrics,
+                "run_id": record.run_id, "backbone": bb.id, "store": record.store, "dataset": manifest.id,
+                "protocol": protocol, "shots": shots, "seed": seed}  # fmt: skip
+        (ckpt_dir / "run.json").write_text(json.dumps(meta, indent=2))
     adapter.detach(bb.model)
     if world > 1:
         import torch.distributed as dist
@@ -315,3 +315,49 @@ def _evaluate(
         return {"acc": None if b is None else round(b, 4)}
     h = harmonic_mean(b, n)
     return {"base_acc": round(b, 4), "novel_acc": round(n, 4), "hm": None if h is None else round(h, 4)}
+
+
+def evaluate_streaming_run(
+    run: str | Path,
+    *,
+    dataset: str,
+    data_root: str | Path | None = None,
+    split_scheme: str | None = None,
+    device: str = "auto",
+    workers: int = 0,
+    results: str | Path | None = None,
+) -> Record:
+    """Evaluate a saved layer-mma / maple run on another dataset's test images with its own class names
+    (cross-dataset; domain generalization for the ImageNet shifts)."""
+    folder = Path(run).expanduser()
+    if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
+        raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
+    meta = json.loads((folder / "run.json").read_text())
+    method = meta["method"]
+    cfg = streaming_config(method, meta["config"])
+    bb = load_backbone(meta["backbone"], device=device, precision="fp32")
+    if bb.weights_sha256 != meta["store"]["weights_sha256"]:
+        raise MethodError(f"the weights of {bb.id} differ from those the run was trained with")
+    adapter = _build(method, cfg, bb).to(bb.device)
+    adapter.load_state_dict(torch.load(folder / "state.pt", map_location=bb.device, weights_only=True))
+    adapter.attach(bb.model)
+    manifest = load_manifest(dataset)
+    scheme = manifest.scheme(split_scheme)
+    root = Path(data_root).expanduser() if data_root else default_data_root()
+    test = resolve_split(manifest, scheme, "test", root)
+    zs = create_adapter("zero-shot", dim=bb.embed_dim)
+    zs.config.logit_scale = float(bb.model.logit_scale.exp())
+    classes = list(range(len(manifest.classnames)))
+    metrics = _evaluate(adapter, bb, method, cfg, manifest, test, classes, [], zs, workers)
+    adapter.detach(bb.model)
+    record = Record(
+        method=method, dataset=meta["dataset"], backbone=bb.id,
+        protocol="dg" if manifest.id in DG_TARGETS else "xd", shots=meta["shots"], seed=meta["seed"],
+        metrics=metrics, fit_seconds=0.0, trainable_params=adapter.trainable_params(), config=meta["config"],
+        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
+               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        sampled={"from_run": meta["run_id"]}, eval_dataset=manifest.id,
+    )  # fmt: skip
+    if results:
+        append_record(results, record)
+    return record

@@ -91,3 +91,29 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # the same updates up to float summation order (measured: 6e-8 on weights of size ~1)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert single.metrics["acc"] is not None
+
+
+def test_saved_run_evaluates_on_a_target_dataset(tmp_path):
+    from featcache.streaming.trainer import evaluate_streaming_run
+
+    opts = {"first_block": 1, "epochs": 1, "batch_size": 8}
+    fit = fit_streaming("layer-mma", **TINY, protocol="fewshot", options=opts, save=tmp_path / "run")
+    rec = evaluate_streaming_run(tmp_path / "run", dataset="digits", results=tmp_path / "r.jsonl")
+    assert rec.protocol == "xd" and rec.eval_dataset == "digits"
+    assert rec.metrics["acc"] == fit.metrics["acc"]  # same test images and classes: the same accuracy
+    r = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "run"), "--dataset", "digits"])
+    assert r.exit_code == 0 and "digits -> digits  xd" in r.output, r.output + r.stderr
+
+
+def test_transfer_sweep_with_a_streaming_method(tmp_path):
+    from featcache.results import read_records
+    from featcache.sweep import load_sweep, run_sweep
+
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('protocol = "dg"\nbackbones = ["featcache-tiny/random"]\nsource = "digits"\ntargets = ["digits"]\n'
+                     'shots = [2]\nseeds = [1]\n[[variants]]\nname = "mma"\nmethod = "layer-mma"\n'
+                     'options = { first_block = 1, epochs = 1, batch_size = 8 }\n')  # fmt: skip
+    c = run_sweep(load_sweep(sweep), tmp_path / "r.jsonl", cache_dir=tmp_path / "empty", progress=False)
+    assert c["done"] == 1 and c["failed"] == 0
+    (rec,) = read_records(tmp_path / "r.jsonl")
+    assert rec["protocol"] == "dg" and rec["eval_dataset"] == "digits" and rec["variant"] == "mma"
