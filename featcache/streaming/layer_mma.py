@@ -44,10 +44,16 @@ def _kaiming(layer: nn.Linear) -> nn.Linear:
 class LayerMMA(Injected):
     """The adapters only; `attach(model)` injects them into an open_clip CLIP model's blocks."""
 
-    def __init__(self, config: LayerMMAConfig, text_width: int, vision_width: int, num_blocks: int):
+    def __init__(
+        self, config: LayerMMAConfig, text_width: int, vision_width: int, num_blocks: int, vision_blocks: int = 0
+    ):
         super().__init__()
         self.config = config
-        self.blocks = list(range(config.first_block - 1, num_blocks))  # 0-indexed
+        self.blocks = list(range(config.first_block - 1, num_blocks))  # text tower, 0-indexed
+        # the vision tower adapts as many blocks, its last ones (the same blocks when both towers have equal depth;
+        # e.g. ViT-L/14's 24 vision blocks pair their last 8 with text blocks 5-12)
+        vb = vision_blocks or num_blocks
+        self.vision_blocks = list(range(vb - len(self.blocks), vb))
         r, n = config.bottleneck, len(self.blocks)
         self.text_down = nn.ModuleList(_kaiming(nn.Linear(text_width, r)) for _ in range(n))
         self.text_up = nn.ModuleList(_kaiming(nn.Linear(r, text_width)) for _ in range(n))
@@ -59,11 +65,9 @@ class LayerMMA(Injected):
     def for_model(cls, model: nn.Module, config: LayerMMAConfig | None = None) -> LayerMMA:
         _, tblocks = text_tower(model)
         _, vblocks = vision_tower(model)
-        if len(tblocks) != len(vblocks):
-            raise ValueError("layer-mma pairs text and vision blocks: the towers need the same depth")
         tw = tblocks[0].ln_1.normalized_shape[0]
         vw = vblocks[0].ln_1.normalized_shape[0]
-        return cls(config or LayerMMAConfig(), tw, vw, len(tblocks))
+        return cls(config or LayerMMAConfig(), tw, vw, len(tblocks), len(vblocks))
 
     def branch(self, i: int, h: torch.Tensor, modality: str) -> torch.Tensor:
         down, up = (
@@ -75,9 +79,9 @@ class LayerMMA(Injected):
         return s * grad_scale(y, 1.0 / s)  # forward: s * y; the adapter weights see the unscaled gradient
 
     def attach(self, model: nn.Module) -> nn.Module:
-        """Wrap blocks first_block..L of both towers of `model` (which stays otherwise unmodified)."""
+        """Wrap the adapted blocks of both towers of `model` (which stays otherwise unmodified)."""
         for modality, (_, resblocks) in (("text", text_tower(model)), ("vision", vision_tower(model))):
-            for j, b in enumerate(self.blocks):
+            for j, b in enumerate(self.blocks if modality == "text" else self.vision_blocks):
                 block = resblocks[b]
 
                 def post(x_in, x_out, j=j, block=block, modality=modality):

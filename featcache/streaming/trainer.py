@@ -129,7 +129,7 @@ def fit_streaming(
     adapter.attach(bb.model)
     tokens_cache = None
     if cache_layer is not None:
-        if method != "layer-mma" or cfg.first_block - 1 < cache_layer:
+        if method != "layer-mma" or adapter.vision_blocks[0] < cache_layer:
             raise MethodError("the partial cache serves layer-mma when its first adapted block comes after the layer")
         tokens_cache = open_tokens(bb, manifest, scheme.name, cache_layer, cache_dir)
         tr_tokens, tr_views = tokens_cache.rows("train", train_rows, aug=True)

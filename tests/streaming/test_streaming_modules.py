@@ -143,3 +143,22 @@ def test_a_few_steps_reduce_the_loss(tiny4, method):
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(not p.requires_grad for p in model.parameters())  # the backbone stays frozen
+
+
+@pytest.mark.parametrize("arch,params", [("ViT-B-32", 674_560), ("ViT-L-14", None)])
+def test_other_vits_built_from_configs(arch, params):
+    model = open_clip.create_model(arch, pretrained=None)
+    mma = LayerMMA.for_model(model)
+    if params is not None:
+        assert mma.trainable_params() == params
+    else:  # ViT-L/14: text width 768 and 12 blocks, vision width 1024 and 24 blocks: the last 8 of each
+        assert mma.blocks == list(range(4, 12)) and mma.vision_blocks == list(range(16, 24))
+        assert mma.trainable_params() == 8 * ((768 * 32 + 32 + 32 * 768 + 768) + (1024 * 32 + 32 + 32 * 1024 + 1024)
+                                              + 32 * 32 + 32)  # fmt: skip
+        maple = MaPLe.for_model(model, open_clip.get_tokenizer(arch))
+        assert maple.proj.weight.shape == (1024, 768)
+    mma.attach(model)
+    with torch.no_grad():
+        size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+        assert model.encode_image(torch.randn(1, 3, size, size)).shape[0] == 1
+    LayerMMA.detach(model)
