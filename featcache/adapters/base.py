@@ -131,12 +131,16 @@ def _entry(name: str) -> _Entry:
 
 def adapter_config(name: str, **overrides: Any) -> Any:
     """The method's config dataclass with overrides applied; unknown keys and bad values are refused."""
-    entry = _entry(name)
-    fields = {f.name: f for f in dataclasses.fields(entry.config_cls)}
+    return build_config(_entry(name).config_cls, name, overrides)
+
+
+def build_config(config_cls: type, name: str, overrides: dict[str, Any]) -> Any:
+    """A config dataclass from `--set key=value` overrides (strings coerced to each field's type)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for key in overrides:
         if key not in fields:
             raise MethodError(f"method '{name}' has no option '{key}'; options: {', '.join(sorted(fields))}")
-    return entry.config_cls(**{k: _coerce(name, fields[k], v) for k, v in overrides.items()})
+    return config_cls(**{k: _coerce(name, fields[k], v) for k, v in overrides.items()})
 
 
 def config_help(name: str) -> list[tuple[str, Any, str]]:

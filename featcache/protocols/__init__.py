@@ -119,7 +119,7 @@ class Task:
         return {name: load() for name, load in self.eval_loaders.items()}
 
 
-def _select(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def select_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows whose label is in `classes`, relabelled to the position of their label in `classes`."""
     remap = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long, device=y.device)
     remap[torch.tensor(classes, dtype=torch.long, device=y.device)] = torch.arange(len(classes), device=y.device)
@@ -168,10 +168,10 @@ def build_task(
         base, novel = classes, []
 
     keep = torch.isin(tr_y, torch.tensor(classes, device=tr_y.device))
-    fx, fy = _select(tr_x, tr_y, classes)
+    fx, fy = select_classes(tr_x, tr_y, classes)
     faug = tr_aug[keep] if tr_aug is not None else None
     if val_x is not None:
-        val_x, val_y = _select(val_x, val_y, classes)
+        val_x, val_y = select_classes(val_x, val_y, classes)
     fit = FitData(
         train_x=fx, train_y=fy, text=text_all[classes], val_x=val_x, val_y=val_y, train_aug=faug,
         classnames=[classnames[c] for c in classes],
@@ -180,7 +180,7 @@ def build_task(
     def loader(name: str, cls: list[int], seen: bool) -> Callable[[], EvalSet]:
         def load() -> EvalSet:
             test = store.split("test", device=device, aug=False)
-            x, y = _select(test.features, test.labels, cls)
+            x, y = select_classes(test.features, test.labels, cls)
             ids = torch.arange(len(cls), device=device) if seen else torch.full((len(cls),), -1, device=device)
             return EvalSet(name, x, y, text_all[cls], ids, [classnames[c] for c in cls])
 

@@ -56,12 +56,6 @@ class BlockWrapper(nn.Module):
         return self._post(x, out) if self._post is not None else out
 
 
-def wrap_blocks(resblocks: nn.ModuleList, index_to_wrapper: dict[int, Callable[[nn.Module], nn.Module]]) -> None:
-    """Replace resblocks[i] by make(resblocks[i]) for each (0-indexed) i."""
-    for i, make in index_to_wrapper.items():
-        resblocks[i] = make(resblocks[i])
-
-
 def restore(module: nn.Module) -> None:
     """Undo every wrapper below `module` (block wrappers and submodule wrappers alike)."""
     for name, child in list(module.named_children()):

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..adapters import MethodError, create_adapter
+from ..adapters.base import build_config
 from ..api import DG_TARGETS
 from ..backbones import load_backbone
 from ..data import ImageDataset, augment_transform, collate, default_data_root, resolve_split
 from ..errors import DataError
 from ..evaluate import accuracy, harmonic_mean
 from ..manifests import load_manifest
-from ..protocols import base_novel_split, fewshot_draw, rows_sha256
+from ..protocols import base_novel_split, fewshot_draw, rows_sha256, select_classes
 from ..results import Record, append_record
 from .layer_mma import LayerMMA, LayerMMAConfig
 from .maple import MaPLe, MaPLeConfig
@@ -42,18 +43,7 @@ def streaming_config(method: str, options: dict[str, Any] | None = None) -> Any:
     """The method's config with --set style overrides (strings are coerced to the field's type)."""
     if method not in METHODS:
         raise MethodError(f"unknown streaming method '{method}'; available: {', '.join(METHODS)}")
-    cls = METHODS[method]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in (options or {}).items():
-        if key not in fields:
-            raise MethodError(f"method '{method}' has no option '{key}'; options: {', '.join(sorted(fields))}")
-        kind = type(fields[key].default)
-        try:
-            out[key] = kind(value) if isinstance(value, str) and kind in (int, float) else value
-        except ValueError:
-            raise MethodError(f"option '{key}' of '{method}' needs a {kind.__name__}, got {value!r}") from None
-    return cls(**out)
+    return build_config(METHODS[method], method, options or {})
 
 
 def _build(method: str, cfg: Any, backbone) -> torch.nn.Module:
@@ -303,12 +293,10 @@ def _evaluate(
     def score(classes: list[int]) -> float | None:
         if not classes:
             return None
-        keep = torch.isin(y, torch.tensor(classes, device=y.device))
-        remap = torch.full((len(manifest.classnames),), -1, dtype=torch.long, device=y.device)
-        remap[torch.tensor(classes, device=y.device)] = torch.arange(len(classes), device=y.device)
+        xs, ys = select_classes(x, y, classes)
         names = [manifest.classnames[c] for c in classes]
         t = F.normalize(bb.model.encode_text(bb.tokenizer(_prompts(method, cfg, names)).to(bb.device)), dim=-1)
-        return accuracy(zs, x[keep], remap[y[keep]], t)
+        return accuracy(zs, xs, ys, t)
 
     b, n = score(base), score(novel)
     if not novel:
