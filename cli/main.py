@@ -181,7 +181,7 @@ def info(file: Path = typer.Argument(..., help="A store (.h5).")) -> None:
 
 @app.command()
 def datasets() -> None:
-    """List the bundled dataset manifests with their split schemes and expected counts."""
+    """List the bundled dataset manifests with their split schemes and expected counts (retrieval: items/captions)."""
     import pandas as pd
 
     from featcache.manifests import list_datasets, load_manifest
@@ -190,14 +190,20 @@ def datasets() -> None:
         rows = []
         for d in list_datasets():
             m = load_manifest(d)
+            retrieval = m.task == "retrieval"
             for s in m.schemes.values():
+                caps = s.caption_counts
+                counts = {k: f"{v}/{caps[k]}" if k in caps else str(v) for k, v in s.counts.items()}
+                dl = "bundled" if s.source["kind"] == "sklearn_digits" else "yes" if s.download else "no"
                 rows.append({
-                    "dataset": m.id, "classes": len(m.classnames),
+                    "dataset": m.id, "task": m.task, "classes": "-" if retrieval else len(m.classnames),
                     "scheme": s.name + (" (default)" if s.name == m.default_scheme else ""),
-                    "counts": " ".join(f"{k}={v}" for k, v in s.counts.items()),
-                    "download": "bundled" if s.source["kind"] == "sklearn_digits" else "yes" if s.download else "no",
+                    "counts": " ".join(f"{k}={v}" for k, v in counts.items()),
+                    "download": "annotations" if retrieval and s.download else dl,
                 })  # fmt: skip
         typer.echo(pd.DataFrame(rows).to_string(index=False))
+        if any(r["task"] == "retrieval" for r in rows):
+            typer.echo("retrieval counts are items/captions (images or videos / captions)")
 
 
 @app.command()
@@ -226,6 +232,18 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 def _print_record(rec) -> None:
     m = rec.metrics
+    if rec.protocol == "retrieval":
+        x = "v" if "t2v_r1" in m else "i"
+        scores = "  ".join(
+            f"{d}: R@1 {m[f'{d}_r1']:.2f} R@5 {m[f'{d}_r5']:.2f} R@10 {m[f'{d}_r10']:.2f} MdR {m[f'{d}_medr']:g} "
+            f"MnR {m[f'{d}_meanr']:.1f}"
+            for d in (f"t2{x}", f"{x}2t")
+            if m.get(f"{d}_r1") is not None
+        )
+        typer.echo(f"{rec.method:<14} {rec.dataset}  retrieval (test):  {scores}")
+        if rec.trainable_params:
+            typer.echo(f"{'':<14} fit {rec.fit_seconds:.2f} s, {rec.trainable_params:,} trainable parameters")
+        return
     if rec.protocol == "base2novel":
         novel = "n/a" if m["novel_acc"] is None else f"{m['novel_acc']:.2f}"
         hm = "n/a" if m["hm"] is None else f"{m['hm']:.2f}"
@@ -248,7 +266,9 @@ def fit(
     name: str | None = typer.Option(None, help="An imported store, instead of --dataset/--backbone."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     split_scheme: str | None = typer.Option(None, help="Split scheme of the store (default: the manifest's)."),
-    protocol: str = typer.Option("base2novel", help="base2novel or fewshot (all classes)."),
+    protocol: str = typer.Option(
+        "base2novel", help="base2novel, fewshot (all classes), or retrieval (caption datasets: R@K both ways)."
+    ),
     shots: int = typer.Option(16, help="Training images per class (Dassl's draw); 0 or less: all."),
     seed: int = typer.Option(1, help="Seed of the few-shot draw and of training."),
     lam: float | None = typer.Option(
@@ -274,12 +294,26 @@ def fit(
     """Fit a method under a protocol, print its metrics, record and save it. Embedding-level methods train on
     a store; layer-mma and maple stream the dataset's images through the backbone."""
     from featcache.api import fit_method
+    from featcache.streaming.retrieval_trainer import METHODS as RETRIEVAL
+    from featcache.streaming.retrieval_trainer import fit_retrieval_streaming
     from featcache.streaming.trainer import METHODS, fit_streaming
 
     with _user_errors():
         options = _parse_sets(sets)
         if lam is not None:
             options["lam"] = lam
+        if adapter in RETRIEVAL:
+            if dataset is None or backbone is None:
+                raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
+            if protocol != "retrieval":
+                raise FeatcacheError(f"{adapter} is a retrieval method: pass --protocol retrieval")
+            rec = fit_retrieval_streaming(
+                adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
+                seed=seed, options=options, device=device, workers=workers, results=results, save=save,
+            )  # fmt: skip
+            if os.environ.get("RANK", "0") == "0":
+                _print_record(rec)
+            return
         if adapter in METHODS:
             if dataset is None or backbone is None:
                 raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
@@ -339,8 +373,10 @@ def methods(method: str | None = typer.Argument(None, help="Show one method's op
     import dataclasses
 
     from featcache.adapters import config_help, create_adapter, list_adapters
+    from featcache.streaming.retrieval_trainer import METHODS as RETRIEVAL
     from featcache.streaming.trainer import METHODS as STREAMING
 
+    STREAMING = {**STREAMING, **RETRIEVAL}  # noqa: N806  (full-backbone methods, classification and retrieval)
     with _user_errors():
         if method is None:
             for m in list_adapters():
@@ -385,7 +421,7 @@ def sweep(
 @app.command()
 def leaderboard(
     results: Path = typer.Argument(..., help="A JSONL file of result records."),
-    protocol: str = typer.Option("base2novel", help="base2novel, fewshot, xd or dg."),
+    protocol: str = typer.Option("base2novel", help="base2novel, fewshot, xd, dg or retrieval."),
     out: Path | None = typer.Option(None, help="Wide CSV; the long one goes to <out>_runs.csv."),
     reference: str | None = typer.Option(None, help="'published': add the published base-to-novel rows."),
 ) -> None:

@@ -22,6 +22,7 @@ from .importers import imported_path
 from .manifests import load_manifest
 from .protocols import Task, build_task, rows_sha256, target_eval_set
 from .results import Record, append_record
+from .retrieval import evaluate_retrieval
 from .store import Store, StoreError
 from .train import FitResult, fit
 
@@ -67,7 +68,7 @@ def resolve_config(method: str, dataset: str, options: dict[str, Any] | None = N
 class Run:
     record: Record
     adapter: Adapter
-    task: Task
+    task: Task | None  # None under the retrieval protocol (no few-shot draw)
     fit: FitResult
 
 
@@ -96,6 +97,11 @@ def fit_method(
     with store:
         ds = store.fingerprint["dataset"]
         cfg = resolve_config(method, ds, options)
+        if (protocol == "retrieval") != (store.task == "retrieval"):
+            hint = "use --protocol retrieval" if store.task == "retrieval" else "retrieval needs a retrieval dataset"
+            raise MethodError(f"{store.path.name} is a {store.task} store; {hint}")
+        if protocol == "retrieval":
+            return _retrieval_run(method, cfg, store, seed, device, results)
         adapter = create_adapter(method, cfg, dim=store.dim, seed=seed)
         _bind_backbone(adapter, store.fingerprint, device)
         task = build_task(store, protocol, shots, seed, template, val_from, allow_short_classes, device)
@@ -117,6 +123,31 @@ def fit_method(
         if save:
             save_run(save, adapter, record, task)
     return Run(record, adapter, task, result)
+
+
+def _retrieval_run(method: str, cfg: Any, store: Store, seed: int, device: str, results) -> Run:
+    """Cached retrieval: CLIP's zero-shot captions-vs-items ranking on the store's test split."""
+    import time
+
+    if method != "zero-shot":
+        raise MethodError(
+            f"'{method}' is a classification method; from the cache, the retrieval protocol runs zero-shot "
+            "(trained retrieval: --adapter cross-modal-adapter, which streams the images)"
+        )
+    t0 = time.perf_counter()
+    rset = store.retrieval_set("test", device)
+    metrics = {k: _r(v) for k, v in evaluate_retrieval(rset, cfg.pool, cfg.temperature).items()}
+    record = Record(
+        method=method, dataset=store.fingerprint["dataset"], backbone=store.fingerprint["backbone"],
+        protocol="retrieval", shots=0, seed=seed, metrics=metrics, fit_seconds=0.0, trainable_params=0,
+        config=dataclasses.asdict(cfg) | {"dim": store.dim}, store=store.fingerprint | {"path": str(store.path)},
+        sampled={"split": "test", "n_items": rset.num_items, "n_captions": len(rset.caption_item)},
+        fit={"eval_seconds": round(time.perf_counter() - t0, 4)},
+    )  # fmt: skip
+    if results:
+        append_record(results, record)
+    adapter = create_adapter(method, cfg, dim=store.dim)
+    return Run(record, adapter, None, FitResult())
 
 
 def _bind_backbone(adapter: Adapter, fingerprint: dict[str, Any], device: str) -> None:

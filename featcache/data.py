@@ -82,23 +82,44 @@ def download(manifest: Manifest, scheme: Scheme, data_root: Path) -> None:
                 cls(root=str(root), download=True, **kwargs)
             except Exception as e:
                 raise DataError(f"download of {manifest.id} via torchvision.{dl['class']} failed: {e}") from e
-    for f in dl.get("files", []):
-        target = data_root / f["path"]
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".download")
-        try:
-            if "gdrive_id" in f:
-                from torchvision.datasets.utils import download_file_from_google_drive
+    import shutil
+    import tempfile
+    import zipfile
 
-                download_file_from_google_drive(f["gdrive_id"], str(tmp.parent), tmp.name)
-            else:
-                urllib.request.urlretrieve(f["url"], tmp)
-            os.replace(tmp, target)  # never a half-downloaded file under the real name
-        except Exception as e:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"could not download {target.name} for {manifest.id}: {e}; fetch it by hand") from e
+    zips: dict[str, Path] = {}  # url -> the archive, fetched once however many of its members are wanted
+    try:
+        for f in dl.get("files", []):
+            target = data_root / f["path"]
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".download")
+            try:
+                if "gdrive_id" in f:
+                    from torchvision.datasets.utils import download_file_from_google_drive
+
+                    download_file_from_google_drive(f["gdrive_id"], str(tmp.parent), tmp.name)
+                elif "member" in f:  # one file out of a zip archive, wherever it sits inside it
+                    if f["url"] not in zips:
+                        fd, name = tempfile.mkstemp(suffix=".zip.download", dir=target.parent)
+                        os.close(fd)
+                        zips[f["url"]] = Path(name)
+                        urllib.request.urlretrieve(f["url"], name)
+                    with zipfile.ZipFile(zips[f["url"]]) as z:
+                        hits = [n for n in z.namelist() if n == f["member"] or n.endswith("/" + f["member"])]
+                        if not hits:
+                            raise FileNotFoundError(f"{f['url']} has no member {f['member']}")
+                        with z.open(hits[0]) as src, open(tmp, "wb") as out:
+                            shutil.copyfileobj(src, out)
+                else:
+                    urllib.request.urlretrieve(f["url"], tmp)
+                os.replace(tmp, target)  # never a half-downloaded file under the real name
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"could not download {target.name} for {manifest.id}: {e}; fetch it by hand") from e
+    finally:
+        for z in zips.values():
+            z.unlink(missing_ok=True)
 
 
 def resolve_split(manifest: Manifest, scheme: Scheme, split: str, data_root: str | Path) -> SplitItems:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import Backbone, backbone_slug, load_backbone, parse_backbone, pick_device, pick_precision
-from .data import ImageDataset, augment_transform, collate, default_data_root, download, resolve_split
+from .data import ImageDataset, SplitItems, augment_transform, collate, default_data_root, download, resolve_split
 from .errors import DataError, StoreError
 from .manifests import Manifest, load_manifest
 from .store import Store, StoreWriter, check_fingerprint, default_cache_dir
@@ -74,7 +74,16 @@ def extract(
     root = Path(data_root).expanduser() if data_root else default_data_root()
     if download_data:
         download(manifest, scheme, root)
-    resolved = {s: resolve_split(manifest, scheme, s, root) for s in splits}
+    retrieval = manifest.task == "retrieval"
+    if retrieval:  # rows are the images (or video frames), labelled with their item; captions beside them
+        from .retrieval_data import resolve_retrieval_split
+
+        if augment_views:
+            raise DataError("--augment-views applies to classification datasets; retrieval stores keep clean views")
+        captioned = {s: resolve_retrieval_split(manifest, scheme, s, root) for s in splits}
+        resolved = {s: SplitItems(s, r.frames, r.source) for s, r in captioned.items()}
+    else:
+        resolved = {s: resolve_split(manifest, scheme, s, root) for s in splits}
 
     spec = backbone.spec if isinstance(backbone, Backbone) else parse_backbone(backbone)
     path = store_path(cache_dir, spec.id, manifest.id, scheme.name)
@@ -99,9 +108,10 @@ def extract(
         else load_backbone(spec.id, device=str(bb_device), precision=precision)
     )
     fingerprint = {**wanted, **bb.fingerprint()}
-    writer = StoreWriter(path, fingerprint, overwrite=overwrite)
+    extra = {"task": "retrieval", "video": scheme.source["kind"] == "video_frames"} if retrieval else None
+    writer = StoreWriter(path, fingerprint, extra=extra, overwrite=overwrite)
     try:
-        if not writer.has_text():
+        if not retrieval and not writer.has_text():
             templates = text_prompts(manifest)
             writer.write_text(
                 manifest.classnames, templates, encode_class_texts(bb, manifest.classnames, templates),
@@ -110,6 +120,8 @@ def extract(
         for split in splits:
             views = augment_views if split == "train" else 0
             _extract_split(writer, bb, resolved[split], batch_size, workers, views, augment_seed, skip_bad, progress)
+            if retrieval:
+                _extract_captions(writer, bb, captioned[split], progress)
         return writer.finalize()
     except OSError as e:
         writer.close()
@@ -171,6 +183,19 @@ def _extract_split(writer, bb, split_items, batch_size, workers, views, aug_seed
     finally:
         bar.close()
     writer.finish_split(split)
+
+
+def _extract_captions(writer, bb, rs, progress: bool, batch_size: int = 256) -> None:
+    """Caption embeddings of a retrieval split, written in resumable batches after its images."""
+    done = writer.begin_captions(rs.split, rs.captions, rs.caption_item, rs.items, bb.embed_dim)
+    bar = tqdm(total=len(rs.captions), initial=done, unit="cap", desc=f"{rs.split} captions", disable=not progress)
+    try:
+        for i in range(done, len(rs.captions), batch_size):
+            batch = rs.captions[i : i + batch_size]
+            writer.write_captions(rs.split, bb.encode_texts(batch, batch_size))
+            bar.update(len(batch))
+    finally:
+        bar.close()
 
 
 def _disk_error(e: OSError, path: Path) -> Exception:

@@ -29,7 +29,12 @@ PUBLISHED_BASE2NOVEL = {
     "MaPLe": (82.28, 75.14, 78.55),
     "MMA (layer-wise)": (83.20, 76.80, 79.87),
 }
-METRICS = {"base2novel": ["base", "novel", "hm"], "fewshot": ["acc"], "xd": ["acc"], "dg": ["acc"]}
+METRICS = {
+    "base2novel": ["base", "novel", "hm"], "fewshot": ["acc"], "xd": ["acc"], "dg": ["acc"],
+    # retrieval: x is the item (image or video): t2x = text -> image/video, x2t = image/video -> text
+    "retrieval": [f"{d}_{k}" for d in ("t2x", "x2t") for k in ("r1", "r5", "r10", "medr", "meanr")],
+}  # fmt: skip
+HEADLINE = {"base2novel": "hm", "retrieval": "t2x_r1"}
 
 
 def hm(b: float, n: float) -> float:
@@ -53,6 +58,9 @@ def runs_table(records: list[dict[str, Any]], protocol: str) -> pd.DataFrame:
         }  # fmt: skip
         if protocol == "base2novel":
             row |= {"base": m.get("base_acc"), "novel": m.get("novel_acc"), "hm": m.get("hm")}
+        elif protocol == "retrieval":  # t2i/t2v and i2t/v2t share columns: one table covers images and videos
+            row |= {k.replace("t2i", "t2x").replace("t2v", "t2x").replace("i2t", "x2t").replace("v2t", "x2t"): v
+                    for k, v in m.items()}  # fmt: skip
         else:
             row |= {"acc": m.get("acc")}
         rows.append(row)
@@ -81,6 +89,7 @@ def leaderboard(
     long = runs_table(records, protocol)
     metrics = METRICS[protocol]
     row_key = ["backbone", "method"] + (["shots"] if protocol == "fewshot" else [])
+    # retrieval's rank metrics are averaged over datasets like the recalls (the papers report them per dataset)
     datasets = _dataset_order(long["dataset"].unique())
     sources = set(long["trained_on"]) if protocol in ("xd", "dg") else set()
     avg_sets = [d for d in datasets if d not in sources]  # xd/dg: the average is over targets only
@@ -156,7 +165,7 @@ def _round(x: Any) -> float:
 def format_table(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> str:
     """A readable terminal table: the average block first, then one headline metric per dataset."""
     metrics = METRICS[protocol]
-    head = "hm" if protocol == "base2novel" else "acc"
+    head = HEADLINE.get(protocol, "acc")
     datasets = [c[: -len(f"/{head}")] for c in wide.columns if c.endswith(f"/{head}") and not c.startswith("average")]
     cols = {k: wide[k] for k in wide.columns if k in ("backbone", "method", "shots")}
     table = pd.DataFrame(cols)

@@ -13,13 +13,20 @@ from typing import Any
 from .errors import ManifestError
 
 SPLITS = ("train", "val", "test")
+TASKS = ("classification", "retrieval")
 SOURCE_KINDS = {
     "split_json": {"split_file": str, "image_dirs": list},
     "image_folder": {"image_dirs": list, "splits": dict},
     "list_file": {"dirs": list, "image_subdir": str, "image_ext": str, "splits": dict},
     "torchvision": {"class": str, "root": str, "splits": dict},
     "sklearn_digits": {"splits": dict},
+    "karpathy_json": {"annotation_file": str, "image_dirs": list, "splits": dict},
+    "caption_file": {"image_dirs": list, "splits": dict},
+    "video_frames": {"frame_dirs": list, "max_frames": int, "splits": dict},
 }
+RETRIEVAL_KINDS = ("karpathy_json", "caption_file", "video_frames")
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+VIDEO_SPLIT_KEYS = ("pairs", "videos", "captions", "video_column", "caption_column", "captions_key")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -33,6 +40,7 @@ class Scheme:
     description: str = ""
     download: dict[str, Any] | None = None
     instructions: str = ""
+    caption_counts: dict[str, int] = field(default_factory=dict)  # retrieval: expected captions per split
 
     @property
     def splits(self) -> list[str]:
@@ -111,6 +119,13 @@ def parse_manifest(raw: Any, where: str = "<manifest>") -> Manifest:
 
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: a manifest must be a JSON object")
+    raw_in = raw  # hashed as written: filling in retrieval defaults must not change the fingerprint
+    task = raw.get("task", "classification")
+    if task not in TASKS:
+        raise bad("task", f"must be one of {list(TASKS)}, got {task!r}")
+    retrieval = task == "retrieval"
+    if retrieval:  # captions are the texts: no class names or prompt templates needed (validated when given)
+        raw = {"classnames": [], "template": "{}", "templates": ["{}"], **raw}
     for key in ("id", "name", "classnames", "template", "templates", "default_scheme", "schemes"):
         if key not in raw:
             raise bad(key, "is missing")
@@ -120,12 +135,10 @@ def parse_manifest(raw: Any, where: str = "<manifest>") -> Manifest:
     for key in ("homepage", "license", "task"):
         if key in raw and not isinstance(raw[key], str):
             raise bad(key, "must be a string")
-    if raw.get("task", "classification") != "classification":
-        raise bad("task", f"must be 'classification', got {raw['task']!r}")
     if not _ID_RE.match(raw["id"]):
         raise bad("id", f"must match [a-z0-9][a-z0-9_-]*, got {raw['id']!r}")
     names = raw["classnames"]
-    if not isinstance(names, list) or not names or not all(isinstance(c, str) and c for c in names):
+    if not isinstance(names, list) or not (names or retrieval) or not all(isinstance(c, str) and c for c in names):
         raise bad("classnames", "must be a non-empty list of non-empty strings")
     if not isinstance(raw.get("allow_duplicate_classnames", False), bool):
         raise bad("allow_duplicate_classnames", "must be true or false")
@@ -142,7 +155,7 @@ def parse_manifest(raw: Any, where: str = "<manifest>") -> Manifest:
             raise bad(f"templates[{i}]", "must be a string with exactly one '{}'")
     if not isinstance(raw["schemes"], dict) or not raw["schemes"]:
         raise bad("schemes", "must be a non-empty object")
-    schemes = {n: _parse_scheme(n, s, len(names), bad) for n, s in raw["schemes"].items()}
+    schemes = {n: _parse_scheme(n, s, len(names), task, bad) for n, s in raw["schemes"].items()}
     if raw["default_scheme"] not in schemes:
         raise bad("default_scheme", f"must be one of {list(schemes)}, got {raw['default_scheme']!r}")
     return Manifest(
@@ -155,13 +168,13 @@ def parse_manifest(raw: Any, where: str = "<manifest>") -> Manifest:
         schemes=schemes,
         homepage=raw.get("homepage", ""),
         license=raw.get("license", ""),
-        task=raw.get("task", "classification"),
+        task=task,
         path=where,
-        raw=raw,
+        raw=raw_in,
     )
 
 
-def _parse_scheme(name: str, s: Any, n_classes: int, bad) -> Scheme:
+def _parse_scheme(name: str, s: Any, n_classes: int, task: str, bad) -> Scheme:
     pre = f"schemes.{name}"
     if not isinstance(s, dict):
         raise bad(pre, "must be an object")
@@ -171,10 +184,13 @@ def _parse_scheme(name: str, s: Any, n_classes: int, bad) -> Scheme:
     kind = src.get("kind")
     if kind not in SOURCE_KINDS:
         raise bad(f"{pre}.source.kind", f"must be one of {sorted(SOURCE_KINDS)}, got {kind!r}")
+    if (kind in RETRIEVAL_KINDS) != (task == "retrieval"):
+        other = "retrieval" if kind in RETRIEVAL_KINDS else "classification"
+        raise bad(f"{pre}.source.kind", f"'{kind}' is a {other} source, but the manifest's task is '{task}'")
     for key, typ in SOURCE_KINDS[kind].items():
-        if not isinstance(src.get(key), typ):
+        if not isinstance(src.get(key), typ) or isinstance(src.get(key), bool):
             raise bad(f"{pre}.source.{key}", f"must be a {typ.__name__} for kind '{kind}'")
-    for key in ("image_dirs", "dirs"):
+    for key in ("image_dirs", "dirs", "frame_dirs"):
         if key in src and (not src[key] or not all(isinstance(d, str) for d in src[key])):
             raise bad(f"{pre}.source.{key}", "must be a non-empty list of paths")
     if "splits" in src:
@@ -188,16 +204,22 @@ def _parse_scheme(name: str, s: Any, n_classes: int, bad) -> Scheme:
             v = src[key]
             if not isinstance(v, list) or len(v) != n_classes or not all(isinstance(x, str) for x in v):
                 raise bad(f"{pre}.source.{key}", f"must be a list of {n_classes} strings (one per class)")
+    if kind in RETRIEVAL_KINDS:
+        _check_retrieval_source(f"{pre}.source", src, bad)
+    if "caption_counts" in s and task != "retrieval":
+        raise bad(f"{pre}.caption_counts", "is only for retrieval manifests")
     counts = s.get("counts", {})
-    if not isinstance(counts, dict):
-        raise bad(f"{pre}.counts", "must be an object mapping split to item count")
-    for sp, c in counts.items():
-        if sp not in SPLITS:
-            raise bad(f"{pre}.counts.{sp}", f"is not a split name; use one of {list(SPLITS)}")
-        if not isinstance(c, int) or isinstance(c, bool) or c < 0:
-            raise bad(f"{pre}.counts.{sp}", f"must be a non-negative integer, got {c!r}")
-        if "splits" in src and sp not in src["splits"]:
-            raise bad(f"{pre}.counts.{sp}", "counts a split the source does not have")
+    for ckey in ("counts", "caption_counts"):
+        cs = s.get(ckey, {})
+        if not isinstance(cs, dict):
+            raise bad(f"{pre}.{ckey}", "must be an object mapping split to a count")
+        for sp, c in cs.items():
+            if sp not in SPLITS:
+                raise bad(f"{pre}.{ckey}.{sp}", f"is not a split name; use one of {list(SPLITS)}")
+            if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+                raise bad(f"{pre}.{ckey}.{sp}", f"must be a non-negative integer, got {c!r}")
+            if "splits" in src and sp not in src["splits"]:
+                raise bad(f"{pre}.{ckey}.{sp}", "counts a split the source does not have")
     dl = s.get("download")
     if dl is not None:
         if not isinstance(dl, dict):
@@ -214,6 +236,8 @@ def _parse_scheme(name: str, s: Any, n_classes: int, bad) -> Scheme:
                 raise bad(f"{pre}.download.files[{i}]", "needs a 'path'")
             if not (isinstance(f.get("url"), str) or isinstance(f.get("gdrive_id"), str)):
                 raise bad(f"{pre}.download.files[{i}]", "needs a 'url' or a 'gdrive_id'")
+            if "member" in f and not (isinstance(f["member"], str) and f["member"] and isinstance(f.get("url"), str)):
+                raise bad(f"{pre}.download.files[{i}].member", "must be a file name inside the zip at 'url'")
     for key in ("description", "instructions"):
         if key in s and not isinstance(s[key], str):
             raise bad(f"{pre}.{key}", "must be a string")
@@ -224,4 +248,35 @@ def _parse_scheme(name: str, s: Any, n_classes: int, bad) -> Scheme:
         description=s.get("description", ""),
         download=dl,
         instructions=s.get("instructions", ""),
+        caption_counts=dict(s.get("caption_counts", {})),
     )
+
+
+def _check_retrieval_source(pre: str, src: dict[str, Any], bad) -> None:
+    """The per-split specs of the retrieval kinds (the common fields are checked by the caller)."""
+    kind = src["kind"]
+    for sp, spec in src["splits"].items():
+        where = f"{pre}.splits.{sp}"
+        if kind == "karpathy_json":
+            if not isinstance(spec, list) or not spec or not all(x in KARPATHY_SPLITS for x in spec):
+                raise bad(where, f"must be a non-empty list of Karpathy split names from {list(KARPATHY_SPLITS)}")
+        elif kind == "caption_file":
+            if not isinstance(spec, str) or not spec.endswith((".csv", ".json")):
+                raise bad(where, "must be the path of a .csv or .json caption file")
+        else:
+            if not isinstance(spec, dict) or not all(isinstance(v, str) and v for v in spec.values()):
+                raise bad(where, "must be an object of non-empty strings")
+            extra = sorted(set(spec) - set(VIDEO_SPLIT_KEYS))
+            if extra:
+                raise bad(f"{where}.{extra[0]}", f"is not a known key; use {list(VIDEO_SPLIT_KEYS)}")
+            lists = [k for k in ("videos", "captions") if k in spec]
+            if ("pairs" in spec) == bool(lists) or len(lists) == 1:
+                raise bad(where, "needs either 'pairs' or both 'videos' and 'captions'")
+            for key in ("pairs", "videos", "captions"):
+                if key in spec and not spec[key].endswith((".csv", ".json")):
+                    raise bad(f"{where}.{key}", "must be the path of a .csv or .json file")
+    cpi = src.get("captions_per_image")
+    if kind == "karpathy_json" and cpi is not None and (not isinstance(cpi, int) or isinstance(cpi, bool) or cpi < 1):
+        raise bad(f"{pre}.captions_per_image", f"must be a positive integer or null, got {cpi!r}")
+    if kind == "video_frames" and src["max_frames"] < 1:
+        raise bad(f"{pre}.max_frames", f"must be a positive integer, got {src['max_frames']!r}")

@@ -11,6 +11,13 @@ Layout:
   /splits/<s>/aug       [N, V, D] augmented views (train only, when extracted with --augment-views V)
   /splits/<s>/skipped   [M] str, "<id>\t<error>" for items dropped by --skip-bad
 
+Retrieval stores (attr extra = {"task": "retrieval", "video": ...}) have no class names or text group; each
+split's rows are the frames (one per image) with `labels` = the index of their item, plus
+  /splits/<s>/items             [N] str, item ids (image path or video id) in annotation order
+  /splits/<s>/captions/features [M, D] unit-norm caption embeddings (the image dtype)
+  /splits/<s>/captions/item     [M] int64, the item each caption describes
+  /splits/<s>/captions/text     [M] str
+
 A store is trusted because its fingerprint matches, never because the file exists. Writers work on
 `<name>.partial` and rename it into place only when every split is complete.
 """
@@ -133,16 +140,52 @@ class Store:
         return [s for s in ("train", "val", "test") if s in self._h5.get("splits", {})]
 
     @property
+    def task(self) -> str:
+        return self.extra.get("task", "classification")
+
+    @property
     def classnames(self) -> list[str]:
+        if "classnames" not in self._h5:
+            return []
         return [c.decode() if isinstance(c, bytes) else c for c in self._h5["classnames"][()]]
 
     @property
     def templates(self) -> list[str]:
+        if "text" not in self._h5:
+            return []
         return json.loads(_attr(self._h5["text/features"].attrs["templates"]))
 
     @property
     def dim(self) -> int:
-        return int(self._h5["text/features"].shape[-1])
+        if "text" in self._h5:
+            return int(self._h5["text/features"].shape[-1])
+        return int(next(iter(self._h5["splits"].values()))["features"].shape[-1])
+
+    def retrieval_set(self, split: str, device: str | torch.device = "cpu"):
+        """A retrieval split as a featcache.retrieval.RetrievalSet (frames grouped per item, captions)."""
+        from .retrieval import make_set
+
+        g = self._group(split)
+        if "captions" not in g:
+            raise StoreError(f"{self.path}: not a retrieval store (no captions); extract a retrieval dataset")
+        c = g["captions"]
+
+        def read(d: h5py.Dataset) -> torch.Tensor:
+            a = d[()]
+            return torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a).to(device)
+
+        return make_set(
+            read(g["features"]),
+            read(g["labels"]),
+            read(c["features"]),
+            read(c["item"]),
+            int(g["items"].shape[0]),
+            bool(self.extra.get("video", False)),
+        )
+
+    def num_captions(self, split: str) -> int:
+        g = self._group(split)
+        return int(g["captions/item"].shape[0]) if "captions" in g else 0
 
     def _group(self, split: str) -> h5py.Group:
         if split not in self.splits:
@@ -223,6 +266,7 @@ class Store:
             "classes": len(self.classnames),
             "dim": self.dim,
             "splits": {s: self.num_rows(s) for s in self.splits},
+            **({"captions": {s: self.num_captions(s) for s in self.splits}} if self.task == "retrieval" else {}),
             "augment_views": {s: self.augment_views(s) for s in self.splits if self.augment_views(s)},
             "skipped": {s: len(self.skipped(s)) for s in self.splits if self.skipped(s)},
             "templates": len(self.templates),
@@ -388,6 +432,40 @@ class StoreWriter:
         g.attrs["rows_done"] = r1
         self.h5.flush()
 
+    # -- retrieval captions ----------------------------------------------------------------------------
+    def begin_captions(
+        self, split: str, captions: list[str], caption_item: list[int], items: list[str], dim: int
+    ) -> int:
+        """Create (or reopen) a split's caption table; return how many caption embeddings are already written."""
+        g = self.h5["splits"][split]
+        if "captions" in g:
+            c = g["captions"]
+            if c["item"].shape[0] == len(captions) and c["features"].shape[1] == dim:
+                return int(c.attrs["done"])
+            del g["captions"]
+        if "items" in g:
+            del g["items"]
+        g.create_dataset("items", data=np.array(items, dtype=object), dtype=_STR)
+        c = g.create_group("captions")
+        dtype = np.float16 if self.fingerprint["dtype"] == "float16" else np.float32
+        rows = max(1, min(len(captions), _CHUNK_ROWS))
+        c.create_dataset("features", (len(captions), dim), dtype=dtype, chunks=(rows, dim))
+        c.create_dataset("item", data=np.asarray(caption_item, dtype=np.int64))
+        c.create_dataset("text", data=np.array(captions, dtype=object), dtype=_STR)
+        c.attrs.update({"done": 0, "complete": len(captions) == 0})
+        self.h5.flush()
+        return 0
+
+    def write_captions(self, split: str, features: torch.Tensor) -> None:
+        """Append the next batch of caption embeddings (resumable like image batches)."""
+        c = self.h5["splits"][split]["captions"]
+        r0 = int(c.attrs["done"])
+        c["features"][r0 : r0 + len(features)] = features.detach().cpu().numpy().astype(c["features"].dtype)
+        self.h5.flush()
+        c.attrs["done"] = r0 + len(features)
+        c.attrs["complete"] = r0 + len(features) == c["item"].shape[0]
+        self.h5.flush()
+
     def finish_split(self, split: str) -> None:
         g = self.h5["splits"][split]
         rows = int(g.attrs["rows_done"])
@@ -401,9 +479,9 @@ class StoreWriter:
     def finalize(self) -> Path:
         """Check every split is complete, then atomically rename the partial file into place."""
         for name, g in self.h5.get("splits", {}).items():
-            if not g.attrs["complete"]:
+            if not g.attrs["complete"] or ("captions" in g and not g["captions"].attrs["complete"]):
                 raise StoreError(f"split '{name}' is incomplete; cannot finalize {self.path}")
-        if not self.has_text():
+        if not self.has_text() and json.loads(self.h5.attrs["extra"]).get("task") != "retrieval":
             raise StoreError(f"no text features written; cannot finalize {self.path}")
         self.h5.attrs["complete"] = True
         self.h5.close()

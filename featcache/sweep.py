@@ -23,7 +23,15 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-PROTOCOLS = ("base2novel", "fewshot", "xd", "dg")
+PROTOCOLS = ("base2novel", "fewshot", "xd", "dg", "retrieval")
+
+
+def _streamed() -> set[str]:
+    """Full-backbone methods: they read the dataset's images (data_root), not a store."""
+    from .streaming.retrieval_trainer import METHODS as RETRIEVAL
+    from .streaming.trainer import METHODS as STREAMING
+
+    return set(STREAMING) | set(RETRIEVAL)
 
 
 class SweepError(FeatcacheError):
@@ -92,11 +100,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{path}: 'protocol' must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     backbones = need("backbones", list)
     methods = need("methods", list, [])
-    shots = need("shots", list, [16])
+    shots = need("shots", list, [0] if protocol == "retrieval" else [16])
     seeds = need("seeds", list, [1, 2, 3])
-    from .streaming.trainer import METHODS as STREAMING
-
-    known = set(list_adapters()) | set(STREAMING)
+    known = set(list_adapters()) | _streamed()
     for m in methods:
         if m not in known:
             raise SweepError(f"{path}: unknown method {m!r} in 'methods'; available: {', '.join(sorted(known))}")
@@ -137,10 +143,10 @@ def load_sweep(path: str | Path) -> Sweep:
 def missing_stores(sweep: Sweep, cache_dir: str | Path | None) -> list[tuple[str, str, str]]:
     """(backbone, dataset, extract command) for every store the sweep needs that does not exist."""
     from .extract import store_path
-    from .streaming.trainer import METHODS as STREAMING
 
     # full-backbone methods read images, not stores (a coop run reads a store: it stays in)
-    need = {(j.backbone, d) for j in sweep.jobs if j.method not in STREAMING for d in (j.dataset, *j.targets)}
+    streamed = _streamed()
+    need = {(j.backbone, d) for j in sweep.jobs if j.method not in streamed for d in (j.dataset, *j.targets)}
     out = []
     for b, d in sorted(need):
         m = load_manifest(d)
@@ -169,9 +175,18 @@ def run_job(job: Job, sweep: Sweep, cache_dir: str | None, runs_dir: str, thread
     common = {"method": job.method, "dataset": job.dataset, "backbone": job.backbone, "shots": job.shots,
               "seed": job.seed, "variant": job.variant}  # fmt: skip
     try:
+        from .streaming.retrieval_trainer import METHODS as RETRIEVAL
+        from .streaming.retrieval_trainer import fit_retrieval_streaming
         from .streaming.trainer import METHODS as STREAMING
         from .streaming.trainer import evaluate_streaming_run, fit_streaming
 
+        if job.method in RETRIEVAL:  # the Cross-Modal Adapter streams the images and captions
+            rec = fit_retrieval_streaming(
+                job.method, dataset=job.dataset, backbone=job.backbone, data_root=sweep.raw.get("data_root"),
+                seed=job.seed, options=dict(job.options), progress=False,
+            )  # fmt: skip
+            rec.variant, rec.sweep_key = job.variant, job.key()
+            return [rec]
         if job.method in STREAMING:  # full-backbone methods stream the dataset's images
             data_root = sweep.raw.get("data_root")
             save = Path(runs_dir) / job.key() if job.targets else None
@@ -246,10 +261,10 @@ def run_sweep(
             echo(f"  {cmd}")
     lacking = {(b, d) for b, d, _ in missing}
     todo_all = pending(sweep, results)
-    from .streaming.trainer import METHODS as STREAMING
+    streamed = _streamed()
 
     def waits(j: Job) -> bool:
-        return j.method not in STREAMING and any((j.backbone, d) in lacking for d in (j.dataset, *j.targets))
+        return j.method not in streamed and any((j.backbone, d) in lacking for d in (j.dataset, *j.targets))
 
     todo = [j for j in todo_all if not waits(j)]
     counts = {"skipped": len(sweep.jobs) - len(todo_all), "missing": len(todo_all) - len(todo), "done": 0, "failed": 0}

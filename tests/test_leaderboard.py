@@ -130,3 +130,29 @@ def test_csv_files(tmp_path):
     assert written == [tmp_path / "t.csv", tmp_path / "t_runs.csv"]
     back = pd.read_csv(tmp_path / "t.csv")
     assert list(back.columns) == list(wide.columns) and len(pd.read_csv(tmp_path / "t_runs.csv")) == 6
+
+
+def _retrieval_rec(method, dataset, seed, r1, medr, video=False):
+    x = "v" if video else "i"
+    metrics = {f"t2{x}_r1": r1, f"t2{x}_r5": r1 + 10, f"t2{x}_r10": r1 + 20, f"t2{x}_medr": medr,
+               f"t2{x}_meanr": medr * 3, f"{x}2t_r1": r1 - 1, f"{x}2t_r5": r1, f"{x}2t_r10": r1 + 5,
+               f"{x}2t_medr": medr + 1, f"{x}2t_meanr": medr * 4}  # fmt: skip
+    r = Record(method=method, dataset=dataset, backbone="B32", protocol="retrieval", shots=0, seed=seed,
+               metrics=metrics, fit_seconds=2.0, trainable_params=5, config={}, store={}, sampled={})  # fmt: skip
+    return __import__("json").loads(r.to_json())
+
+
+def test_retrieval_leaderboard_by_hand():
+    recs = [
+        _retrieval_rec("cma", "msrvtt", 1, 40.0, 2.0, video=True),
+        _retrieval_rec("cma", "msrvtt", 2, 44.0, 3.0, video=True),  # msrvtt: t2v R@1 42, MdR 2.5
+        _retrieval_rec("cma", "flickr30k", 1, 60.0, 1.0),  # image and video metrics share the t2x/x2t columns
+        rec("cma", "dtd", 1, 80, 60),  # other protocols never count
+    ]
+    wide, long = leaderboard(recs, "retrieval")
+    row = wide.set_index("method").loc["cma"]
+    assert row["msrvtt/t2x_r1"] == 42.0 and row["msrvtt/t2x_r1_std"] == 2.0
+    assert row["msrvtt/t2x_medr"] == 2.5 and row["msrvtt/x2t_r1"] == 41.0
+    assert row["flickr30k/t2x_r1"] == 60.0 and row["flickr30k/x2t_medr"] == 2.0
+    assert row["average/t2x_r1"] == 51.0  # mean over the two datasets of the seed means
+    assert row["datasets"] == 2 and row["seeds"] == 2 and len(long) == 3

@@ -12,10 +12,11 @@ EXPECTED = {
     "imagenet_v2": 1000, "imagenet_sketch": 1000, "imagenet_a": 200, "imagenet_r": 200,
     "cifar10": 10, "cifar100": 100, "digits": 10,
 }  # fmt: skip
+RETRIEVAL = {"flickr30k", "mscoco", "msrvtt"}  # tested in test_retrieval_data.py
 
 
 def test_every_expected_dataset_is_bundled():
-    assert sorted(EXPECTED) == list_datasets()
+    assert sorted([*EXPECTED, *RETRIEVAL]) == list_datasets()
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -1,4 +1,5 @@
-"""Zero-shot CLIP: logits = 100 · v · tᵀ, with t from one template or the ensemble (chosen by --template)."""
+"""Zero-shot CLIP: logits = 100 · v · tᵀ, with t from one template or the ensemble (chosen by --template).
+Under the retrieval protocol it is CLIP's own retrieval: captions against images (or pooled video frames)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from .base import Adapter, TrainConfig, register
 class ZeroShotConfig(TrainConfig):
     logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)"})
     epochs: int = field(default=0, metadata={"help": "nothing to train"})
+    pool: str = field(
+        default="mean",
+        metadata={"help": "retrieval, videos: frame pooling, mean (CLIP4Clip meanP) or softmax (text-conditioned)"},
+    )
+    temperature: float = field(
+        default=5.0, metadata={"help": "retrieval, softmax pooling: weights softmax(temperature * caption.frame)"}
+    )
 
 
 @register("zero-shot", ZeroShotConfig)
