@@ -240,8 +240,9 @@ def _print_record(rec) -> None:
             for d in (f"t2{x}", f"{x}2t")
             if m.get(f"{d}_r1") is not None
         )
-        typer.echo(f"{rec.method:<14} {rec.dataset}  retrieval (test):  {scores}")
-        if rec.trainable_params:
+        where = rec.dataset if rec.eval_dataset is None else f"{rec.dataset} -> {rec.eval_dataset}"
+        typer.echo(f"{rec.method:<14} {where}  retrieval (test):  {scores}")
+        if rec.trainable_params and rec.eval_dataset is None:
             typer.echo(f"{'':<14} fit {rec.fit_seconds:.2f} s, {rec.trainable_params:,} trainable parameters")
         return
     if rec.protocol == "base2novel":
@@ -345,19 +346,28 @@ def eval_(
     template: str | None = typer.Option(None, help="Class text template (default: the run's)."),
     device: str = typer.Option("cpu", help="Device."),
     results: Path | None = typer.Option(None, help="Append the result record to this JSONL file."),
-    data_root: Path | None = typer.Option(None, help="layer-mma, maple runs: datasets folder (images are streamed)."),
-    workers: int = typer.Option(0, help="layer-mma, maple runs: DataLoader workers."),
+    data_root: Path | None = typer.Option(None, help="Streaming runs: datasets folder (images are streamed)."),
+    workers: int = typer.Option(0, help="Streaming runs: DataLoader workers."),
 ) -> None:
-    """Evaluate a saved method on another dataset's test split (cross-dataset, domain generalization)."""
+    """Evaluate a saved method on another dataset's test split (cross-dataset, domain generalization; for a
+    cross-modal-adapter run, retrieval on another caption dataset)."""
     from featcache.api import evaluate_run
 
     with _user_errors():
         meta_file = run / "run.json"
-        if meta_file.exists() and json.loads(meta_file.read_text()).get("streaming"):
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        if meta.get("streaming") and dataset is None:
+            raise FeatcacheError("give the target --dataset")
+        if meta.get("task") == "retrieval":
+            from featcache.streaming.retrieval_trainer import evaluate_retrieval_run
+
+            rec = evaluate_retrieval_run(run, dataset=dataset, data_root=data_root, split_scheme=split_scheme,
+                                         device=device, workers=workers, results=results)  # fmt: skip
+            _print_record(rec)
+            return
+        if meta.get("streaming"):
             from featcache.streaming.trainer import evaluate_streaming_run
 
-            if dataset is None:
-                raise FeatcacheError("give the target --dataset")
             rec = evaluate_streaming_run(run, dataset=dataset, data_root=data_root, split_scheme=split_scheme,
                                          device=device, workers=workers, results=results)  # fmt: skip
             _print_record(rec)

@@ -153,6 +153,14 @@ def test_cross_modal_adapter_training_raises_r1(captions_dataset, tmp_path):
     assert after.trainable_params > 0 and (tmp_path / "run" / "state.pt").exists()
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert any("share" in k for k in state)
+    # the saved run evaluates on a dataset (here the same one: the same numbers) through `featcache eval`
+    from featcache.streaming.retrieval_trainer import evaluate_retrieval_run
+
+    rec = evaluate_retrieval_run(tmp_path / "run", dataset=str(mpath), data_root=data, device="cpu")
+    assert rec.metrics == after.metrics and rec.eval_dataset == "toycaps"
+    out = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "run"), "--dataset", str(mpath), "--data-root",
+                                   str(data), "--device", "cpu"])  # fmt: skip
+    assert out.exit_code == 0 and "toycaps -> toycaps  retrieval (test)" in out.output, out.output
 
 
 def test_cli_end_to_end(captions_dataset, tmp_path):

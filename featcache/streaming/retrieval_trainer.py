@@ -3,10 +3,12 @@ adapted encoders, trained with the symmetric InfoNCE over in-batch caption-item 
 
 One epoch visits every training caption once (CLIP4Clip's MSR-VTT loader unfolds the 20 captions per video the
 same way); a batch holds `batch_size` (caption, item) pairs, each item's frames preprocessed with the backbone's
-eval transform, as the reference does (no random crops). Frames are pooled into one item embedding by the same
-code that scores retrieval (featcache.retrieval), evaluation goes through `evaluate_retrieval`, and the run is one
-ordinary Record. A checkpoint after every epoch lets a killed run resume; under torchrun every rank takes its
-share of each global batch and DistributedDataParallel averages the adapter gradients.
+eval transform, as the reference does (no random crops); AMP (float16 autocast) on CUDA, as the reference trains
+in fp16. Frames are pooled into one item embedding by the same code that scores retrieval (featcache.retrieval),
+evaluation goes through `evaluate_retrieval`, and the run is one ordinary Record. The run reports its last epoch
+(CLIP4Clip's code keeps the epoch that scores best on the test split, which is model selection on test). A
+checkpoint after every epoch lets a killed run resume; under torchrun every rank takes its share of each global
+batch and DistributedDataParallel averages the adapter gradients.
 """
 
 from __future__ import annotations
@@ -207,6 +209,8 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
             start, step, history = state["epoch"], state["step"], json.loads(state["history"])
+    amp = bb.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     t0 = time.perf_counter()
     bar = tqdm(total=total, initial=start * steps_per_epoch, unit="step", desc=method, disable=not progress)
     for epoch in range(start, cfg.epochs):
@@ -226,12 +230,15 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, total)
             pad_to = -(-min(cfg.batch_size, n) // world) if world > 1 else 0
-            loss = stepper(batch["x"].to(bb.device), row_item, tokens, pad_to)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):  # the reference trains in fp16
+                loss = stepper(batch["x"].to(bb.device), row_item, tokens, pad_to)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.clip_grad_norm:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.clip_grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             loss_sum, seen = loss_sum + loss.item() * len(caps), seen + len(caps)
             bar.update(1)
@@ -302,3 +309,52 @@ def encode_retrieval_split(bb, rs, max_frames: int, workers: int, video: bool, b
         torch.cat(feats), row_item, torch.cat(caps), torch.tensor(rs.caption_item, device=bb.device), len(rs.items),
         video,
     )  # fmt: skip
+
+
+def evaluate_retrieval_run(
+    run: str | Path,
+    *,
+    dataset: str,
+    data_root: str | Path | None = None,
+    split_scheme: str | None = None,
+    device: str = "auto",
+    workers: int = 0,
+    results: str | Path | None = None,
+) -> Record:
+    """Evaluate a saved Cross-Modal Adapter run on another retrieval dataset's test split (cross-dataset
+    retrieval, e.g. trained on MSR-VTT, tested on another video set)."""
+    folder = Path(run).expanduser()
+    if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
+        raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
+    meta = json.loads((folder / "run.json").read_text())
+    method = meta["method"]
+    cfg = build_config(METHODS[method], method, meta["config"])
+    manifest = load_manifest(dataset)
+    if manifest.task != "retrieval":
+        raise MethodError(f"{method} is a retrieval run; '{manifest.id}' is a {manifest.task} dataset")
+    scheme = manifest.scheme(split_scheme)
+    root = Path(data_root).expanduser() if data_root else default_data_root()
+    test = _load_split(manifest, scheme, "test", root)
+    bb = load_backbone(meta["backbone"], device=device, precision="fp32")
+    if bb.weights_sha256 != meta["store"]["weights_sha256"]:
+        raise MethodError(f"the weights of {bb.id} differ from those the run was trained with")
+    adapter = CrossModalAdapter.for_model(bb.model, cfg).to(bb.device)
+    adapter.load_state_dict(torch.load(folder / "state.pt", map_location=bb.device, weights_only=True))
+    adapter.attach(bb.model)
+    try:
+        rset = encode_retrieval_split(bb, test, cfg.max_frames, workers, scheme.source["kind"] == "video_frames")
+    finally:
+        adapter.detach(bb.model)
+    metrics = {k: None if v is None else round(v, 4) for k, v in
+               evaluate_retrieval(rset, cfg.frame_pooling, cfg.softmax_temperature).items()}  # fmt: skip
+    record = Record(
+        method=method, dataset=meta["dataset"], backbone=bb.id, protocol="retrieval", shots=0, seed=meta["seed"],
+        metrics=metrics, fit_seconds=0.0, trainable_params=adapter.trainable_params(), config=meta["config"],
+        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
+               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        sampled={"from_run": meta["run_id"], "test_items": rset.num_items, "test_captions": len(rset.caption_item)},
+        eval_dataset=manifest.id,
+    )  # fmt: skip
+    if results:
+        append_record(results, record)
+    return record
