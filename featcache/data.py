@@ -10,7 +10,10 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
+import tempfile
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +85,6 @@ def download(manifest: Manifest, scheme: Scheme, data_root: Path) -> None:
                 cls(root=str(root), download=True, **kwargs)
             except Exception as e:
                 raise DataError(f"download of {manifest.id} via torchvision.{dl['class']} failed: {e}") from e
-    import shutil
-    import tempfile
-    import zipfile
-
     zips: dict[str, Path] = {}  # url -> the archive, fetched once however many of its members are wanted
     try:
         for f in dl.get("files", []):
