@@ -174,11 +174,13 @@ class Backbone:
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Prompts -> [N, D] unit-norm float32 features (on the cpu)."""
+        from .text import encode_text_truncated
+
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
             with self._autocast():
-                f = self.model.encode_text(tokens)
+                f = encode_text_truncated(self.model, tokens)  # exact: causal towers stop at the last EOT
             out.append(F.normalize(f.float(), dim=-1).cpu())
         return torch.cat(out)
 

@@ -6,7 +6,8 @@ prompt, so the images come straight from the feature cache. logits = exp(logit_s
 Reference training: SGD lr 0.002, 200 epochs, batch 32, cosine, and CoOp reports the last epoch.
 
 The text tower is injected, not forked: a wrapper around the model's token embedding puts the context at
-positions 1..n_ctx; open_clip's own encode_text does the rest.
+positions 1..n_ctx; open_clip's own text tower does the rest, run on the prompts cut after their last EOT token
+(featcache.text: exact, and about 20-25 of the 77 positions for 16 context tokens and a name).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..streaming.inject import SubmoduleWrapper, text_tower
+from ..text import encode_text_truncated
 from .base import Adapter, MethodError, TrainConfig, register
 
 
@@ -74,7 +76,7 @@ class CoOp(Adapter):
         if key not in self._tokens:
             placeholder = " ".join(["X"] * self.ctx.shape[0])
             self._tokens[key] = bb.tokenizer([f"{placeholder} {c}." for c in classnames]).to(bb.device)
-        return F.normalize(bb.model.encode_text(self._tokens[key]).float(), dim=-1)
+        return F.normalize(encode_text_truncated(bb.model, self._tokens[key]).float(), dim=-1)
 
     def score(self, images, text, class_ids=None, classnames=None) -> torch.Tensor:
         if classnames is None:

@@ -5,7 +5,9 @@ output: x = block(x) + y. Per adapted block: text down Linear(512->32)+ReLU, up 
 Linear(768->32)+ReLU, up Linear(32->768); one shared Linear(32->32)+ReLU used by both modalities. s = 0.001 with
 gradient rescaling (identity forward, grad x s then x 1/s around the branch), so the adapter weights see the
 unscaled gradient. Kaiming-normal (fan_out, relu) weights, zero biases. 674,560 parameters on ViT-B-16 shapes.
-Text input is the hard prompt "a photo of a {class}.".
+Text input is the hard prompt "a photo of a {class}.". Nothing before the first adapted block is learned in either
+tower, which is what the partial-backbone path exploits (featcache.streaming.partial): cached vision tokens, and
+text tokens entering the first adapted text block computed once per run.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Linear(512->768) and appended after the patch tokens before ln_pre (197 -> 199 t
 prompts, depth 9: at the input of blocks 2..9, fresh text prompts (N(0, 0.02), [2, 512]) replace text positions
 1..2, and their projections (8 independent Linear(512->768)) replace the last 2 vision tokens; blocks 10-12
 carry on what block 9 produced. 3,555,072 parameters on ViT-B-16 shapes.
+The text prompts sit at positions 1..2, before every prompt's EOT token, so the trainer's text encoding on prompts
+cut after their last EOT (featcache.text) is exact for MaPLe too.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Blocks before the first adapted block never change (layer-wise MMA adapts blocks 5-12 and prompts nothing
 earlier), so for an un-augmented image their output is a constant: cache it (float16) and train by running only
-blocks L+1.. . With `augment_views`, a fixed number of random-resized-crop + flip views per training image are
-cached too (each epoch samples one), which trades the references' fresh crop per step for speed, as
-Tip-Adapter does with its 10 views.
+blocks L+1.. . The text half is the same idea within one run: layer-mma's text prompts are fixed hard prompts, so
+the (EOT-truncated) text tokens entering its first adapted text block are computed once per run (`text_prefix`)
+and each step runs only the adapted text blocks (`encode_text_from_prefix`). With `augment_views`, a fixed
+number of random-resized-crop + flip views per training image are cached too (each epoch samples one), which
+trades the references' fresh crop per step for speed, as Tip-Adapter does with its 10 views.
 
 Disk cost per image and view: tokens x width x 2 bytes; ViT-B/16 at L = 4: 197 x 768 x 2 = 302,592 bytes
 (about 296 KiB), so 16 shots of ImageNet's 1,000 classes take 4.8 GB per view.
@@ -27,6 +29,7 @@ from ..errors import DataError, StoreError
 from ..extract import augmentation_tag, store_path
 from ..manifests import load_manifest
 from ..store import check_fingerprint
+from ..text import TextInput, embed_text, run_text_blocks, text_head
 from .inject import vision_tower
 
 
@@ -49,6 +52,18 @@ def encode_from_tokens(model: torch.nn.Module, tokens: torch.Tensor, layer: int)
         x = blk(x)
     pooled, _ = visual._pool(x)
     return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def text_prefix(model: torch.nn.Module, tokens: torch.Tensor, layer: int) -> TextInput:
+    """The EOT-truncated text tokens entering text block layer+1 (1-indexed): the embedding and `layer` blocks.
+    A constant for a run when nothing in those blocks or the embedding is learned (layer-mma's hard prompts)."""
+    return run_text_blocks(model, embed_text(model, tokens), 0, layer)
+
+
+def encode_text_from_prefix(model: torch.nn.Module, prefix: TextInput, layer: int) -> torch.Tensor:
+    """Text features from `text_prefix(model, tokens, layer)`: the remaining blocks, open_clip's LayerNorm, pooling
+    and projection; equal to `model.encode_text(tokens)`."""
+    return text_head(model, run_text_blocks(model, prefix, layer))
 
 
 def tokens_path(cache_dir, backbone_id: str, dataset: str, scheme: str, layer: int) -> Path:

@@ -35,6 +35,7 @@ from ..errors import DataError
 from ..manifests import load_manifest
 from ..results import Record, append_record
 from ..retrieval import RetrievalSet, _Scorer, evaluate_retrieval, group_frames, make_set
+from ..text import encode_text_truncated
 from .cross_modal_adapter import CrossModalAdapter, CrossModalAdapterConfig, info_nce, lr_at
 from .trainer import _distributed
 
@@ -100,7 +101,7 @@ class _PairLoss(torch.nn.Module):
     def forward(self, images: torch.Tensor, row_item: torch.Tensor, tokens: torch.Tensor, pad_to: int = 0):
         model = self._bb[0].model
         v = F.normalize(model.encode_image(images), dim=-1)
-        t = F.normalize(model.encode_text(tokens), dim=-1)
+        t = F.normalize(encode_text_truncated(model, tokens), dim=-1)
         frames, mask = group_frames(v, row_item, len(tokens))
         if pad_to:  # gather the global batch; ranks pad to the same shape and drop the padding after
             frames, mask, t = _gather(frames, mask, t, pad_to, self._cfg.max_frames)
@@ -302,7 +303,7 @@ def encode_retrieval_split(bb, rs, max_frames: int, workers: int, video: bool, b
     caps = []
     for i in range(0, len(rs.captions), batch_size):
         tokens = bb.tokenizer(rs.captions[i : i + batch_size]).to(bb.device)
-        caps.append(F.normalize(model.encode_text(tokens), dim=-1))
+        caps.append(F.normalize(encode_text_truncated(model, tokens), dim=-1))
     model.train(was)
     row_item = torch.tensor([rs.frames[r].label for r in keep], device=bb.device)
     return make_set(

@@ -32,9 +32,10 @@ from ..evaluate import accuracy, harmonic_mean
 from ..manifests import load_manifest
 from ..protocols import base_novel_split, fewshot_draw, rows_sha256, select_classes
 from ..results import Record, append_record
+from ..text import encode_text_truncated
 from .layer_mma import LayerMMA, LayerMMAConfig
 from .maple import MaPLe, MaPLeConfig
-from .partial import encode_from_tokens, open_tokens
+from .partial import encode_from_tokens, encode_text_from_prefix, open_tokens, text_prefix
 
 METHODS = {"layer-mma": LayerMMAConfig, "maple": MaPLeConfig}
 
@@ -239,12 +240,30 @@ def fit_streaming(
 
 class _StepLoss(torch.nn.Module):
     """One training loss as a module whose only parameters are the method's, so DistributedDataParallel can
-    synchronise exactly those (the frozen backbone is referenced, not owned)."""
+    synchronise exactly those (the frozen backbone is referenced, not owned).
+
+    The text encoder runs on the EOT-truncated tokens (exact: see featcache.text). With `cache_layer`
+    (layer-mma from the partial-backbone cache), `images` are the cached vision tokens entering block
+    cache_layer+1, and the text half is cached as well: the text tokens entering the first adapted text block are
+    computed at the first step (no gradient, under that step's autocast) and every step runs only the adapted
+    text blocks."""
 
     def __init__(self, adapter: torch.nn.Module, bb, tokens: torch.Tensor, cache_layer: int | None):
         super().__init__()
         self.adapter = adapter
         self._bb, self._tokens, self._layer = (bb,), tokens, cache_layer
+        # layer-mma's text prompts are fixed and its text blocks before blocks[0] carry no adapter
+        self._text_layer = adapter.blocks[0] if cache_layer is not None else None
+        self._text_prefix: tuple = ()  # (TextInput,) once computed; a plain attribute, never a DDP buffer
+
+    def text_features(self) -> torch.Tensor:
+        model = self._bb[0].model
+        if self._text_layer is None:
+            return encode_text_truncated(model, self._tokens)
+        if not self._text_prefix:
+            with torch.no_grad():
+                self._text_prefix = (text_prefix(model, self._tokens, self._text_layer),)
+        return encode_text_from_prefix(model, self._text_prefix[0], self._text_layer)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model = self._bb[0].model
@@ -252,7 +271,7 @@ class _StepLoss(torch.nn.Module):
             v = model.encode_image(images)
         else:
             v = encode_from_tokens(model, images.float(), self._layer)
-        t = F.normalize(model.encode_text(self._tokens), dim=-1)
+        t = F.normalize(self.text_features(), dim=-1)
         logits = model.logit_scale.exp().detach() * F.normalize(v, dim=-1) @ t.t()
         return F.cross_entropy(logits, labels)
 
@@ -295,7 +314,8 @@ def _evaluate(
             return None
         xs, ys = select_classes(x, y, classes)
         names = [manifest.classnames[c] for c in classes]
-        t = F.normalize(bb.model.encode_text(bb.tokenizer(_prompts(method, cfg, names)).to(bb.device)), dim=-1)
+        tokens = bb.tokenizer(_prompts(method, cfg, names)).to(bb.device)
+        t = F.normalize(encode_text_truncated(bb.model, tokens), dim=-1)
         return accuracy(zs, xs, ys, t)
 
     b, n = score(base), score(novel)

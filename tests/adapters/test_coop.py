@@ -38,3 +38,23 @@ def test_coop_needs_names_and_a_backbone(tmp_path):
         c.score(torch.zeros(1, 8), None)
     with pytest.raises(MethodError, match="bind it first"):
         c.score(torch.zeros(1, 8), None, None, ["a"])
+
+
+def test_text_runs_on_the_prompts_cut_after_their_eot():
+    """class_text encodes max(EOT)+1 positions, not 77: the same features, and the same gradient on the context."""
+    import torch.nn.functional as F
+
+    from featcache.backbones import load_backbone
+    from featcache.text import truncated_length
+
+    bb = load_backbone("featcache-tiny/random", device="cpu", precision="fp32")  # bind wraps its token embedding
+    coop = create_adapter("coop", dim=64)
+    coop.bind(bb)
+    names = ["zero", "a long class name with several words"]
+    cut = coop.class_text(names)
+    tokens = coop._tokens[tuple(names)]
+    assert truncated_length(bb.model, tokens) < 30  # 16 context tokens + a name, of 77 positions
+    full = F.normalize(bb.model.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-5)
+    grads = [torch.autograd.grad(t[:, 0].sum() - t[:, 1].sum(), coop.ctx)[0] for t in (cut, full)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
