@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..adapters import MethodError
 from ..adapters.base import build_config
 from ..backbones import load_backbone
@@ -37,7 +36,7 @@ from ..results import Record, append_record
 from ..retrieval import RetrievalSet, _Scorer, evaluate_retrieval, group_frames, make_set
 from ..text import encode_text_truncated
 from .cross_modal_adapter import CrossModalAdapter, CrossModalAdapterConfig, info_nce, lr_at
-from .trainer import _distributed
+from .trainer import _distributed, streamed_source
 
 METHODS = {"cross-modal-adapter": CrossModalAdapterConfig}
 
@@ -262,8 +261,7 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
         method=method, dataset=manifest.id, backbone=bb.id, protocol="retrieval", shots=0, seed=seed,
         metrics=metrics, fit_seconds=round(fit_seconds, 4), trainable_params=adapter.trainable_params(),
         config=dataclasses.asdict(cfg),
-        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
-               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        store=streamed_source(bb, manifest, scheme.name),
         sampled={"split": "train", "n_pairs": len(captions), "n_items": len(train.items),
                  "test_items": rset.num_items, "test_captions": len(rset.caption_item)},
         fit={"epochs": len(history), "steps": step, "history": history},
@@ -351,8 +349,7 @@ def evaluate_retrieval_run(
     record = Record(
         method=method, dataset=meta["dataset"], backbone=bb.id, protocol="retrieval", shots=0, seed=meta["seed"],
         metrics=metrics, fit_seconds=0.0, trainable_params=adapter.trainable_params(), config=meta["config"],
-        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
-               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        store=streamed_source(bb, manifest, scheme.name),
         sampled={"from_run": meta["run_id"], "test_items": rset.num_items, "test_captions": len(rset.caption_item)},
         eval_dataset=manifest.id,
     )  # fmt: skip

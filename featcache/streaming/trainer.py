@@ -62,6 +62,13 @@ def _prompts(method: str, cfg: Any, classnames: list[str]) -> list[str]:
     return [f"{cfg.ctx_init} {c}." for c in classnames]  # MaPLe: the first n_ctx words become the context
 
 
+def streamed_source(bb, manifest, scheme: str) -> dict[str, Any]:
+    """What a streaming run's record keeps in place of a store fingerprint: the backbone's fingerprint and the
+    dataset manifest it read the images through."""
+    return {**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256, "split_scheme": scheme,
+            "featcache_version": __version__, "path": None, "streaming": True}  # fmt: skip
+
+
 def _lr_at(cfg: Any, epoch: int) -> float:
     """Dassl's schedule, stepped per epoch: cosine over `epochs`; with MaPLe's constant warm-up, the first
     epochs run at 1e-5 and the cosine starts after them."""
@@ -216,8 +223,7 @@ def fit_streaming(
         method=method, dataset=manifest.id, backbone=bb.id, protocol=protocol, shots=shots, seed=seed,
         metrics=metrics, fit_seconds=round(fit_seconds, 4), trainable_params=adapter.trainable_params(),
         config=dataclasses.asdict(cfg),
-        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
-               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        store=streamed_source(bb, manifest, scheme.name),
         sampled={"n_train": len(train_rows), "train_rows_sha256": rows_sha256(train_rows)},
         fit={"epochs": len(history), "history": history},
     )  # fmt: skip
@@ -362,8 +368,7 @@ def evaluate_streaming_run(
         method=method, dataset=meta["dataset"], backbone=bb.id,
         protocol="dg" if manifest.id in DG_TARGETS else "xd", shots=meta["shots"], seed=meta["seed"],
         metrics=metrics, fit_seconds=0.0, trainable_params=adapter.trainable_params(), config=meta["config"],
-        store={**bb.fingerprint(), "dataset": manifest.id, "manifest_sha256": manifest.sha256,
-               "split_scheme": scheme.name, "featcache_version": __version__, "path": None, "streaming": True},
+        store=streamed_source(bb, manifest, scheme.name),
         sampled={"from_run": meta["run_id"]}, eval_dataset=manifest.id,
     )  # fmt: skip
     if results:
