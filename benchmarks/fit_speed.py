@@ -9,6 +9,7 @@ Goal: every method except the linear probe fits in under 10 s on a 2-core CPU. T
 fast path against the straightforward attention at 1,000 classes (benchmarks/mm_attn_speed.py; goal >= 10x).
 
   python benchmarks/fit_speed.py [--classes 1000] [--dim 512] [--methods mm-attn,tip-adapter]
+  python benchmarks/fit_speed.py --methods tip-adapter-f --set tip-adapter-f.precision=bf16 --no-step-bench
 """
 
 import argparse
@@ -31,6 +32,11 @@ parser.add_argument("--dim", type=int, default=512)
 parser.add_argument("--shots", type=int, default=16)
 parser.add_argument("--methods", default=",".join(list_adapters()), help="comma-separated")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+parser.add_argument("--no-step-bench", action="store_true", help="skip the mm-attn one-step comparison")
+parser.add_argument(
+    "--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+    help="a method option, e.g. tip-adapter-f.precision=bf16 (repeatable)",
+)  # fmt: skip
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 
@@ -59,9 +65,11 @@ with tempfile.TemporaryDirectory() as tmp:
     print(f"{args.classes} classes, D={args.dim}, base-to-novel {args.shots}-shot, seed 1\n")
     print(f"{'method':<14} {'fit s':>8} {'epochs':>7} {'params':>9} {'base':>7} {'novel':>7} {'HM':>7}")
     for method in args.methods.split(","):
-        rec = fit_method(method, name="bench", cache_dir=tmp, shots=args.shots, seed=1).record
+        opts = dict(s.split(".", 1)[1].split("=", 1) for s in args.set if s.split(".", 1)[0] == method)
+        rec = fit_method(method, name="bench", cache_dir=tmp, shots=args.shots, seed=1, options=opts).record
         m = rec.metrics
         goal = "" if method == "linear-probe" or rec.fit_seconds < 10 else "  (goal: < 10 s)"
+        goal += f"  [{', '.join(f'{k}={v}' for k, v in opts.items())}]" if opts else ""
 
         def fmt(x):
             return "n/a" if x is None else f"{x:.2f}"
@@ -69,6 +77,6 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"{method:<14} {rec.fit_seconds:8.2f} {rec.fit['epochs']:7d} {rec.trainable_params:9,d} "
               f"{fmt(m['base_acc']):>7} {fmt(m['novel_acc']):>7} {fmt(m['hm']):>7}{goal}")  # fmt: skip
 
-if "mm-attn" in args.methods.split(","):
+if "mm-attn" in args.methods.split(",") and not args.no_step_bench:
     print("\nmm-attn, one training step at 1,000 classes: exact fast path vs nn.MultiheadAttention over C+1 tokens")
     subprocess.run([sys.executable, str(Path(__file__).with_name("mm_attn_speed.py")), "--repeats", "2"], check=True)
