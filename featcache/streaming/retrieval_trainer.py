@@ -36,7 +36,7 @@ from ..results import Record, append_record
 from ..retrieval import RetrievalSet, _Scorer, evaluate_retrieval, group_frames, make_set
 from ..text import encode_text_truncated
 from .cross_modal_adapter import CrossModalAdapter, CrossModalAdapterConfig, info_nce, lr_at
-from .trainer import _distributed, streamed_source
+from .trainer import _distributed, saved_run, streamed_source
 
 METHODS = {"cross-modal-adapter": CrossModalAdapterConfig}
 
@@ -322,10 +322,7 @@ def evaluate_retrieval_run(
 ) -> Record:
     """Evaluate a saved Cross-Modal Adapter run on another retrieval dataset's test split (cross-dataset
     retrieval, e.g. trained on MSR-VTT, tested on another video set)."""
-    folder = Path(run).expanduser()
-    if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
-        raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
-    meta = json.loads((folder / "run.json").read_text())
+    folder, meta = saved_run(run)
     method = meta["method"]
     cfg = build_config(METHODS[method], method, meta["config"])
     manifest = load_manifest(dataset)

@@ -69,6 +69,14 @@ def streamed_source(bb, manifest, scheme: str) -> dict[str, Any]:
             "featcache_version": __version__, "path": None, "streaming": True}  # fmt: skip
 
 
+def saved_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(folder, run.json) of a run saved by `featcache fit --save`, or a one-line error."""
+    folder = Path(run).expanduser()
+    if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
+        raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
+    return folder, json.loads((folder / "run.json").read_text())
+
+
 def _lr_at(cfg: Any, epoch: int) -> float:
     """Dassl's schedule, stepped per epoch: cosine over `epochs`; with MaPLe's constant warm-up, the first
     epochs run at 1e-5 and the cosine starts after them."""
@@ -343,10 +351,7 @@ def evaluate_streaming_run(
 ) -> Record:
     """Evaluate a saved layer-mma / maple run on another dataset's test images with its own class names
     (cross-dataset; domain generalization for the ImageNet shifts)."""
-    folder = Path(run).expanduser()
-    if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
-        raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
-    meta = json.loads((folder / "run.json").read_text())
+    folder, meta = saved_run(run)
     method = meta["method"]
     cfg = streaming_config(method, meta["config"])
     bb = load_backbone(meta["backbone"], device=device, precision="fp32")
