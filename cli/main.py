@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -383,25 +384,31 @@ def methods(method: str | None = typer.Argument(None, help="Show one method's op
     import dataclasses
 
     from featcache.adapters import config_help, create_adapter, list_adapters
-    from featcache.streaming.retrieval_trainer import METHODS as RETRIEVAL
-    from featcache.streaming.trainer import METHODS as STREAMING
+    from featcache.streaming import streamed_methods
 
-    STREAMING = {**STREAMING, **RETRIEVAL}  # noqa: N806  (full-backbone methods, classification and retrieval)
+    STREAMING = streamed_methods()  # noqa: N806  (full-backbone methods, classification and retrieval)
     with _user_errors():
         if method is None:
+            width = max(map(len, [*list_adapters(), *STREAMING])) + 1
+
+            def summary(module: str) -> str:  # the module docstring's first sentence, on one line
+                para = " ".join((sys.modules[module].__doc__ or "").strip().split("\n\n")[0].split())
+                return re.split(r"(?<=\.)\s", para, maxsplit=1)[0]
+
             for m in list_adapters():
                 a = create_adapter(m, dim=512)
                 kind = "gradient-trained" if a.trainable else "closed form"
-                doc = (sys.modules[type(a).__module__].__doc__ or "").strip().splitlines()[0]
-                typer.echo(f"{m:<14} {kind:<17} {doc}")
+                typer.echo(f"{m:<{width}} {kind:<17} {summary(type(a).__module__)}")
             for m, cfg in STREAMING.items():
-                doc = (sys.modules[cfg.__module__].__doc__ or "").strip().splitlines()[0]
-                typer.echo(f"{m:<14} {'full backbone':<17} {doc}")
+                typer.echo(f"{m:<{width}} {'full backbone':<17} {summary(cfg.__module__)}")
             return
         if method in STREAMING:
             for f in dataclasses.fields(STREAMING[method]):
                 typer.echo(f"  {f.name + '=' + str(f.default):<32} {f.metadata.get('help', '')}")
             return
+        from featcache.api import check_method
+
+        check_method(method)
         for key, default, text in config_help(method):
             value = ",".join(map(str, default)) if isinstance(default, list) else default
             typer.echo(f"  {key + '=' + str(value):<32} {text}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .adapters import Adapter, MethodError, adapter_config, create_adapter
+from .adapters import Adapter, MethodError, adapter_config, create_adapter, list_adapters
 from .adapters.base import _entry
 from .evaluate import accuracy, harmonic_mean
 from .extract import store_path
@@ -57,6 +57,22 @@ def open_store(
     return Store.open(path, expect=expect)
 
 
+def check_method(method: str) -> None:
+    """Refuse a name that is no cached method, naming every method there is (full-backbone ones too)."""
+    from .streaming import streamed_methods
+
+    if method in list_adapters():
+        return
+    if method in streamed_methods():
+        raise MethodError(
+            f"'{method}' streams images through the backbone, so it does not train on a store: call "
+            "featcache.streaming.trainer.fit_streaming (retrieval: retrieval_trainer.fit_retrieval_streaming); "
+            "`featcache fit` does this for you"
+        )
+    names = ", ".join(sorted([*list_adapters(), *streamed_methods()]))
+    raise MethodError(f"unknown method '{method}'; available: {names}")
+
+
 def resolve_config(method: str, dataset: str, options: dict[str, Any] | None = None) -> Any:
     """Method defaults, then the method's per-dataset defaults (Tip-Adapter's alpha/scales), then the user's."""
     cls = _entry(method).config_cls
@@ -93,6 +109,7 @@ def fit_method(
 ) -> Run:
     """Fit one method under one protocol on one store, evaluate it, and return (and optionally append and
     save) its record. Model selection only ever sees the few-shot val rows."""
+    check_method(method)
     store = open_store(dataset, backbone, name, cache_dir, split_scheme)
     with store:
         ds = store.fingerprint["dataset"]

@@ -28,10 +28,9 @@ PROTOCOLS = ("base2novel", "fewshot", "xd", "dg", "retrieval")
 
 def _streamed() -> set[str]:
     """Full-backbone methods: they read the dataset's images (data_root), not a store."""
-    from .streaming.retrieval_trainer import METHODS as RETRIEVAL
-    from .streaming.trainer import METHODS as STREAMING
+    from .streaming import streamed_methods
 
-    return set(STREAMING) | set(RETRIEVAL)
+    return set(streamed_methods())
 
 
 class SweepError(FeatcacheError):

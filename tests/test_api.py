@@ -148,3 +148,11 @@ def test_shots_larger_than_a_class(imported):
 def test_coop_refuses_an_imported_store(imported):
     with pytest.raises(MethodError, match="runs the backbone's text encoder; an imported store does not say which"):
         fit_method("coop", name="synth", cache_dir=imported, shots=4)
+
+
+def test_method_names_are_checked_before_any_store_is_opened(tmp_path):
+    # no store exists under tmp_path: the method name is what fails, naming every method (full-backbone too)
+    with pytest.raises(MethodError, match=r"unknown method 'nope'; available: .*layer-mma.*maple"):
+        fit_method("nope", name="missing", cache_dir=tmp_path)
+    with pytest.raises(MethodError, match=r"'maple' streams images .*trainer\.fit_streaming"):
+        fit_method("maple", name="missing", cache_dir=tmp_path)

@@ -1,6 +1,7 @@
 """`featcache fit` / `featcache eval` end to end on the tiny architecture and digits."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -72,7 +73,7 @@ def test_lambda_reaches_mm_attn(cache, tmp_path):
 @pytest.mark.parametrize(
     "extra,msg",
     [
-        (["--adapter", "nope"], "unknown method 'nope'; available:"),
+        (["--adapter", "nope"], "unknown method 'nope'; available: clip-adapter, coop, cross-modal-adapter, layer"),
         (["--adapter", "clip-adapter", "--set", "depth=3"], "method 'clip-adapter' has no option 'depth'"),
         (["--adapter", "clip-adapter", "--set", "ratio"], "--set takes key=value"),
         (["--adapter", "clip-adapter", "--lambda", "0.3"], "method 'clip-adapter' has no option 'lam'"),
@@ -94,6 +95,9 @@ def test_missing_store_says_how_to_make_it(tmp_path):
 def test_methods_command():
     r = runner.invoke(app, ["methods"])
     assert r.exit_code == 0 and "mm-attn" in r.output and "closed form" in r.output
+    assert re.search(r"^linear-probe +closed form +Linear probe, .*\.$", r.output, re.M), r.output  # a sentence
+    r = runner.invoke(app, ["methods", "nope"])
+    assert r.exit_code == 1 and "available: clip-adapter, coop, cross-modal-adapter, layer-mma" in r.stderr
     r = runner.invoke(app, ["methods", "mm-attn"])
     assert "lam=0.2" in r.output and "mask=bias" in r.output
 
@@ -119,6 +123,7 @@ def test_sweep_leaderboard_plot_commands(cache, tmp_path):
 
 def test_methods_lists_streaming_methods_too():
     r = runner.invoke(app, ["methods"])
-    assert "layer-mma      full backbone" in r.output and "maple          full backbone" in r.output
+    for name in ("layer-mma", "maple", "cross-modal-adapter"):
+        assert re.search(rf"^{name} +full backbone ", r.output, re.M), r.output
     r = runner.invoke(app, ["methods", "maple"])
     assert "depth=9" in r.output and "n_ctx=2" in r.output
