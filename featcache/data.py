@@ -52,8 +52,8 @@ def default_data_root() -> Path:
 
 
 def _missing(manifest: Manifest, scheme: Scheme, what: str) -> DataError:
-    how = scheme.instructions or "see the manifest's homepage"
-    dl = " or rerun with --download" if scheme.download else ""
+    how = (scheme.instructions or "See the manifest's homepage.").rstrip(".") + "."
+    dl = " Or rerun with --download." if scheme.download and "--download" not in how else ""
     return DataError(f"{manifest.id} ({scheme.name}): {what}. {how}{dl}")
 
 

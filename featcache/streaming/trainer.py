@@ -33,6 +33,7 @@ from ..manifests import load_manifest
 from ..protocols import base_novel_split, fewshot_draw, rows_sha256, select_classes
 from ..results import Record, append_record
 from ..text import encode_text_truncated
+from .inject import text_tower, vision_tower
 from .layer_mma import LayerMMA, LayerMMAConfig
 from .maple import MaPLe, MaPLeConfig
 from .partial import encode_from_tokens, encode_text_from_prefix, open_tokens, text_prefix
@@ -51,7 +52,11 @@ def _build(method: str, cfg: Any, backbone) -> torch.nn.Module:
     if method == "layer-mma":
         mod = LayerMMA.for_model(backbone.model, cfg)
         if not mod.blocks:
-            raise MethodError(f"layer-mma: first_block {cfg.first_block} is past the last block of {backbone.id}")
+            depth = min(len(text_tower(backbone.model)[1]), len(vision_tower(backbone.model)[1]))
+            raise MethodError(
+                f"layer-mma: first_block {cfg.first_block} is past the last block of {backbone.id} ({depth} blocks); "
+                f"pass --set first_block=K with K <= {depth}"
+            )
         return mod
     return MaPLe.for_model(backbone.model, backbone.tokenizer, cfg)
 

@@ -51,7 +51,10 @@ def test_options_are_checked():
     with pytest.raises(MethodError, match="method 'maple' has no option 'first_block'"):
         streaming_config("maple", {"first_block": 1})
     assert streaming_config("maple", {"depth": "3"}).depth == 3
-    with pytest.raises(MethodError, match="first_block 5 is past the last block"):
+    with pytest.raises(
+        MethodError,
+        match=r"first_block 5 is past the last block of .* \(2 blocks\); pass --set first_block=K with K <= 2",
+    ):
         fit_streaming("layer-mma", **TINY, options={"epochs": 1})  # the tiny model has 2 blocks
 
 
