@@ -23,17 +23,68 @@ app = typer.Typer(
 CACHE_HELP = "Cache folder (default: $FEATCACHE_HOME or ~/.cache/featcache)."
 
 
+_DEBUG = {"on": os.environ.get("FEATCACHE_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error."),
+) -> None:
+    """Extract CLIP features once; adapt and evaluate few-shot methods on the cache in seconds."""
+    if debug:
+        _DEBUG["on"] = True
+
+
+def _crash(e: BaseException) -> None:
+    """An error nobody anticipated: one line, the traceback in a file (or on screen with --debug), exit 1."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    if _DEBUG["on"]:
+        typer.echo(text, err=True, nl=False)
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if isinstance(e, OSError) and e.strerror:  # the system said no (permissions, a missing path): say what and where
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {e.strerror}{where}", err=True)
+        raise typer.Exit(1) from None
+    where = "above" if _DEBUG["on"] else None
+    if where is None:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f"featcache-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            where = name
+        except OSError:
+            where = "not written (rerun with --debug to see it)"
+    typer.echo(
+        f"error: unexpected {type(e).__name__}: {first} (a featcache bug, please report it; full traceback: {where})",
+        err=True,
+    )
+    raise typer.Exit(1) from None
+
+
 @contextmanager
 def _user_errors():
-    """Every expected failure ends as one line on stderr and a non-zero exit code."""
+    """Every failure ends as one line on stderr and a non-zero exit code: expected ones (FeatcacheError) with
+    their message, anything else with its type and where the traceback was written."""
     try:
         yield
     except FeatcacheError as e:
-        typer.echo(f"error: {e}", err=True)
+        if _DEBUG["on"]:
+            import traceback
+
+            traceback.print_exc()
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: finished batches are kept; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:
+        _crash(e)
 
 
 @app.command()
@@ -473,6 +524,20 @@ def plot(
 
 
 @app.command()
+def report(
+    results: Path = typer.Argument(..., help="A JSONL file of result records."),
+    out: Path = typer.Option(Path("report.html"), help="HTML file to write."),
+) -> None:
+    """One static HTML page: leaderboards, the base-novel and shots plots, every run's config and fingerprint."""
+    from featcache.report import write_report
+
+    with _user_errors():
+        if not results.exists():
+            raise FeatcacheError(f"no results file at {results}")
+        typer.echo(f"wrote {write_report(results, out)}")
+
+
+@app.command()
 def demo(
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     workers: int = typer.Option(0, help="DataLoader workers (0: decode in the main process)."),
@@ -498,8 +563,30 @@ def _print_summary(s: dict) -> None:
 
 
 def main() -> None:
+    """The console entry point: click's usage errors and anything raised outside a command's own error
+    handling also end as one line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.TyperException as e:  # click's usage errors (typer vendors click): one line, exit 2
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if not message.strip():  # `featcache` alone: the help was printed, nothing went wrong
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"error: {' '.join(message.split())}{hint}", err=True)
+        sys.exit(getattr(e, "exit_code", 2) or 2)
+    except Exception as e:
+        try:
+            _crash(e)
+        except typer.Exit as x:
+            sys.exit(x.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -162,28 +162,42 @@ def _round(x: Any) -> float:
         return float("nan")
 
 
-def format_table(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> str:
-    """A readable terminal table: the average block first, then one headline metric per dataset."""
+def format_cells(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> pd.DataFrame:
+    """The displayed table as strings: the average block first, then one headline metric per dataset (none when
+    there is one dataset: it would repeat the average). A cell averaging several seeds is always `mean±std`."""
     metrics = METRICS[protocol]
     head = HEADLINE.get(protocol, "acc")
     datasets = [c[: -len(f"/{head}")] for c in wide.columns if c.endswith(f"/{head}") and not c.startswith("average")]
-    cols = {k: wide[k] for k in wide.columns if k in ("backbone", "method", "shots")}
-    table = pd.DataFrame(cols)
+    if len(datasets) == 1:
+        datasets = []
+    table = pd.DataFrame({k: wide[k] for k in wide.columns if k in ("backbone", "method", "shots")})
+    seeds = [int(s) if s == s and s is not None else 1 for s in wide["seeds"]]
 
-    def pm(mean, std) -> str:
+    def pm(mean, std, n: int) -> str:
         if mean is None or (isinstance(mean, float) and math.isnan(mean)):
             return "n/a"
-        return f"{mean:.2f}" if std is None or math.isnan(std) or std == 0 else f"{mean:.2f}±{std:.2f}"
+        if n <= 1 or std is None or (isinstance(std, float) and math.isnan(std)):
+            return f"{mean:.2f}"
+        return f"{mean:.2f}±{std:.2f}"
 
     for m in metrics:
-        table[f"avg {m}"] = [pm(a, b) for a, b in zip(wide[f"average/{m}"], wide[f"average/{m}_std"], strict=True)]
+        table[f"avg {m}"] = [pm(a, b, n) for a, b, n in zip(wide[f"average/{m}"], wide[f"average/{m}_std"], seeds,
+                                                            strict=True)]  # fmt: skip
     for d in datasets[:max_datasets]:
-        table[f"{d} {head}"] = [pm(a, b) for a, b in zip(wide[f"{d}/{head}"], wide[f"{d}/{head}_std"], strict=True)]
+        table[f"{d} {head}"] = [pm(a, b, n) for a, b, n in zip(wide[f"{d}/{head}"], wide[f"{d}/{head}_std"], seeds,
+                                                               strict=True)]  # fmt: skip
     table["seeds"] = wide["seeds"]
     table["fit s"] = [f"{x:.2f}" if x == x else "" for x in wide["fit_s"]]
     table["source"] = wide["source"]
-    note = f"\n({len(datasets) - max_datasets} more datasets in the CSV)" if len(datasets) > max_datasets else ""
-    return table.to_string(index=False) + note
+    table.attrs["more"] = max(0, len(datasets) - max_datasets)
+    return table
+
+
+def format_table(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> str:
+    """A readable terminal table (format_cells as text)."""
+    table = format_cells(wide, protocol, max_datasets)
+    more = table.attrs["more"]
+    return table.to_string(index=False) + (f"\n({more} more datasets in the CSV)" if more else "")
 
 
 def write_leaderboard(
