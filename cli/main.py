@@ -541,12 +541,16 @@ def report(
 def demo(
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     workers: int = typer.Option(0, help="DataLoader workers (0: decode in the main process)."),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="Skip the pretraining: a random-weight CLIP (its numbers mean nothing)."
+    ),
 ) -> None:
-    """Offline end-to-end run: extract scikit-learn's digits through a tiny random-weight CLIP and summarise it."""
+    """Offline end-to-end run: pretrain a tiny CLIP on scikit-learn's digits for a few seconds, extract, fit
+    every cached method base-to-novel and print the leaderboard."""
     from featcache.demo import run_demo
 
     with _user_errors():
-        run_demo(cache_dir=cache_dir, workers=workers, echo=typer.echo)
+        run_demo(cache_dir=cache_dir, workers=workers, echo=typer.echo, random_weights=random_weights)
 
 
 def _print_summary(s: dict) -> None:

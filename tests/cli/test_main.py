@@ -1,6 +1,7 @@
 """The CLI end to end through typer's CliRunner, on the tiny architecture and digits."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -17,8 +18,21 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_demo_extract_ls_info(tmp_path):
+def test_demo_pretrains_then_teaches(tmp_path):
+    """The default demo pretrains the tiny CLIP, so zero-shot is far above chance (10 %), and says what the
+    table shows; a rerun reuses the checkpoint and the records and says so."""
     r = run("demo", "--cache-dir", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "pretrained the tiny CLIP on 1077 digit images" in r.output and "RANDOM" not in r.output
+    zs = re.search(r"zero-shot scores base (\d+\.\d) / novel (\d+\.\d)", r.output)
+    assert zs and float(zs[1]) > 50 and float(zs[2]) > 50
+    assert "raised base accuracy for" in r.output and "featcache plot" in r.output
+    r = run("demo", "--cache-dir", tmp_path)
+    assert "reusing the pretrained tiny CLIP" in r.output and "reusing 21 of 21 runs already recorded" in r.output
+
+
+def test_demo_extract_ls_info(tmp_path):
+    r = run("demo", "--cache-dir", tmp_path, "--random-weights")
     assert r.exit_code == 0, r.output
     assert "RANDOM weights" in r.output and "mean nothing" in r.output
     assert "train   1077 rows" in r.output
