@@ -404,10 +404,12 @@ def eval_(
     """Evaluate a saved method on another dataset's test split (cross-dataset, domain generalization; for a
     cross-modal-adapter run, retrieval on another caption dataset)."""
     from featcache.api import evaluate_run
+    from featcache.fsio import read_json
 
     with _user_errors():
         meta_file = run / "run.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        fix = "delete the run folder and refit with --save"
+        meta = read_json(meta_file, "saved run's run.json", fix) if meta_file.exists() else {}
         if meta.get("streaming") and dataset is None:
             raise FeatcacheError("give the target --dataset")
         if meta.get("task") == "retrieval":
@@ -491,7 +493,7 @@ def leaderboard(
     results: Path = typer.Argument(..., help="A JSONL file of result records."),
     protocol: str = typer.Option("base2novel", help="base2novel, fewshot, xd, dg or retrieval."),
     out: Path | None = typer.Option(None, help="Wide CSV; the long one goes to <out>_runs.csv."),
-    reference: str | None = typer.Option(None, help="'published': add the published base-to-novel rows."),
+    reference: str | None = typer.Option(None, help="'published': add the published rows (base2novel, fewshot)."),
 ) -> None:
     """Leaderboard tables (mean ± std over seeds, papers' averages) printed and written as CSV."""
     from featcache.leaderboard import format_table, write_leaderboard

@@ -4,8 +4,6 @@ record, save. The CLI only parses options and calls these."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from .adapters import Adapter, MethodError, adapter_config, create_adapter, list
 from .adapters.base import _entry
 from .evaluate import accuracy, harmonic_mean
 from .extract import store_path
+from .fsio import atomic_write, read_json, safe_torch_load, write_json
 from .importers import imported_path
 from .manifests import load_manifest
 from .protocols import Task, build_task, rows_sha256, target_eval_set
@@ -135,10 +134,10 @@ def fit_method(
             template=template,
             fit={"epochs": result.epochs, "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc},
         )  # fmt: skip
+        if save:  # first what the record points to, then the record: a failed save appends nothing
+            save_run(save, adapter, record, task)
         if results:
             append_record(results, record)
-        if save:
-            save_run(save, adapter, record, task)
     return Run(record, adapter, task, result)
 
 
@@ -201,8 +200,9 @@ def _r(x: float | None) -> float | None:
 
 
 def save_run(folder: str | Path, adapter: Adapter, record: Record, task: Task) -> Path:
-    """state.pt (a plain state dict: torch.load(weights_only=True) reads it), run.json, rows.json. Written to
-    temporary names and renamed, so a folder never holds a half-written run."""
+    """state.pt (a plain state dict: torch.load(weights_only=True) reads it), rows.json, then run.json. Each is
+    written atomically (featcache.fsio), run.json last, so a folder with a run.json never holds a half-written
+    state.pt."""
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
@@ -213,16 +213,10 @@ def save_run(folder: str | Path, adapter: Adapter, record: Record, task: Task) -
         "seed": record.seed, "run_id": record.run_id, "metrics": record.metrics, "featcache_version": __version__,
     }  # fmt: skip
     rows = {"train_rows": task.train_rows, "val_rows": task.val_rows}
-    _atomic(folder / "state.pt", lambda p: torch.save(state, p))
-    _atomic(folder / "rows.json", lambda p: p.write_text(json.dumps(rows)))
-    _atomic(folder / "run.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    atomic_write(folder / "state.pt", lambda f: torch.save(state, f))
+    write_json(folder / "rows.json", rows)
+    write_json(folder / "run.json", meta, indent=2)
     return folder
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def load_run(folder: str | Path, device: str = "cpu") -> tuple[Adapter, dict[str, Any]]:
@@ -230,11 +224,11 @@ def load_run(folder: str | Path, device: str = "cpu") -> tuple[Adapter, dict[str
     folder = Path(folder).expanduser()
     if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
         raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
-    meta = json.loads((folder / "run.json").read_text())
+    meta = read_json(folder / "run.json", "saved run's run.json", "delete the run folder and refit with --save")
     options = {k: v for k, v in meta["config"].items() if k != "dim"}
     adapter = create_adapter(meta["method"], adapter_config(meta["method"], **options), dim=meta["dim"])
     _bind_backbone(adapter, meta["store"], device)
-    state = torch.load(folder / "state.pt", map_location=device, weights_only=True)
+    state = safe_torch_load(folder / "state.pt", map_location=device)
     _load_state(adapter, state)
     return adapter.to(device).eval(), meta
 

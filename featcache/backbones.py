@@ -103,9 +103,21 @@ def parse_backbone(backbone_id: str) -> BackboneSpec:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """auto = cuda if available, else Apple mps, else cpu."""
+    """auto = cuda if available, else Apple mps, else cpu. A named device must exist here: refused in one line
+    before anything is loaded or written, not deep inside the first forward pass."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise BackboneError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise BackboneError(f"--device {device}: {why}; use --device cpu (or auto)")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackboneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise BackboneError(f"--device {device}: Apple MPS is not available here; use --device cpu (or auto)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

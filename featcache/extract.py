@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import Backbone, backbone_slug, load_backbone, parse_backbone, pick_device, pick_precision
 from .data import ImageDataset, SplitItems, augment_transform, collate, default_data_root, download, resolve_split
-from .errors import DataError, StoreError
+from .errors import DataError, FeatcacheError, StoreError
 from .manifests import Manifest, load_manifest
-from .store import Store, StoreWriter, check_fingerprint, default_cache_dir
+from .store import Store, StoreWriter, check_fingerprint, default_cache_dir, os_errno, write_error
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +62,26 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Extract (or resume, or extend) a store and return its path. Reruns with the same settings are no-ops."""
+    """Extract (or resume, or extend) a store and return its path. Reruns with the same settings are no-ops.
+
+    Every option is checked and every input resolved (manifest, split items, device, backbone) before anything
+    is written, so a refused command never touches the store: with `overwrite` the old store is replaced only
+    when the new one is complete."""
+    _check_options(dtype, batch_size, workers, augment_views)
     manifest = dataset if isinstance(dataset, Manifest) else load_manifest(dataset)
     scheme = manifest.scheme(split_scheme)
     splits = list(splits or scheme.splits)
-    if dtype not in ("float16", "float32"):
-        raise StoreError(f"unknown dtype '{dtype}'; use float16 or float32")
-    if batch_size < 1:
-        raise DataError("--batch-size must be at least 1")
+    retrieval = manifest.task == "retrieval"
+    if retrieval and augment_views:
+        raise DataError("--augment-views applies to classification datasets; retrieval stores keep clean views")
+    bb_device = backbone.device if isinstance(backbone, Backbone) else pick_device(device)
+    bb_precision = backbone.precision if isinstance(backbone, Backbone) else pick_precision(precision, bb_device)
     root = Path(data_root).expanduser() if data_root else default_data_root()
     if download_data:
         download(manifest, scheme, root)
-    retrieval = manifest.task == "retrieval"
     if retrieval:  # rows are the images (or video frames), labelled with their item; captions beside them
         from .retrieval_data import resolve_retrieval_split
 
-        if augment_views:
-            raise DataError("--augment-views applies to classification datasets; retrieval stores keep clean views")
         captioned = {s: resolve_retrieval_split(manifest, scheme, s, root) for s in splits}
         resolved = {s: SplitItems(s, r.frames, r.source) for s, r in captioned.items()}
     else:
@@ -87,11 +89,10 @@ def extract(
 
     spec = backbone.spec if isinstance(backbone, Backbone) else parse_backbone(backbone)
     path = store_path(cache_dir, spec.id, manifest.id, scheme.name)
-    bb_device = backbone.device if isinstance(backbone, Backbone) else pick_device(device)
     wanted = {
         "featcache_version": __version__,
         "backbone": spec.id,
-        "precision": backbone.precision if isinstance(backbone, Backbone) else pick_precision(precision, bb_device),
+        "precision": bb_precision,
         "dataset": manifest.id,
         "manifest_sha256": manifest.sha256,
         "split_scheme": scheme.name,
@@ -123,12 +124,24 @@ def extract(
             if retrieval:
                 _extract_captions(writer, bb, captioned[split], progress)
         return writer.finalize()
-    except OSError as e:
-        writer.close()
-        raise _disk_error(e, path) from e
-    except BaseException:
+    except BaseException as e:
         writer.close()  # the partial file keeps every finished batch; rerunning resumes
+        if not isinstance(e, FeatcacheError) and os_errno(e) in (errno.ENOSPC, errno.EDQUOT):
+            raise write_error(e, path) from e  # a full disk seen outside the writer (it reports its own)
         raise
+
+
+def _check_options(dtype: str, batch_size: int, workers: int | None, augment_views: int) -> None:
+    """Refuse bad values up front: a negative --augment-views used to reach the data loader and be reported as
+    an unreadable image, and a bad --workers used to fail only after --overwrite had cleared the store."""
+    if dtype not in ("float16", "float32"):
+        raise StoreError(f"unknown dtype '{dtype}'; use float16 or float32")
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise DataError(f"--workers must be 0 or more, got {workers}")
+    if augment_views < 0:
+        raise DataError(f"--augment-views must be 0 or more, got {augment_views}")
 
 
 def _up_to_date(path: Path, wanted: dict[str, Any], splits: list[str]) -> bool:
@@ -147,7 +160,8 @@ def _extract_split(writer, bb, split_items, batch_size, workers, views, aug_seed
     done, _, complete = writer.split_state(split)
     if complete and done == len(items):
         return
-    done = writer.begin_split(split, len(items), bb.embed_dim, views)
+    id_width = max((len(it.id.encode()) for it in items), default=1)
+    done = writer.begin_split(split, len(items), bb.embed_dim, views, id_width=id_width)
     todo = items[done:]
     ds = ImageDataset(
         todo, split_items.source, bb.preprocess, offset=done, split=split,
@@ -196,16 +210,6 @@ def _extract_captions(writer, bb, rs, progress: bool, batch_size: int = 256) -> 
             bar.update(len(batch))
     finally:
         bar.close()
-
-
-def _disk_error(e: OSError, path: Path) -> Exception:
-    free = shutil.disk_usage(path.parent).free if path.parent.exists() else -1
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e) or 0 <= free < 64 * 2**20:
-        return StoreError(
-            f"disk full while writing {path.name} ({free / 2**20:.0f} MiB free in {path.parent}); free space "
-            "and rerun the same command: finished batches are kept and extraction resumes"
-        )
-    return StoreError(f"could not write {path}: {e}")
 
 
 __all__ = ["extract", "store_path", "encode_class_texts", "text_prompts"]

@@ -94,9 +94,11 @@ def write_imported(
         "augmentation": "unknown (imported)",
         "dtype": dtype,
     }
-    if overwrite:
-        path.unlink(missing_ok=True)
-    writer = StoreWriter(path, fingerprint, extra={"source": source_kind, **(extra or {})}, overwrite=True)
+    # the old store (with --overwrite) is replaced only once the new one is complete
+    writer = StoreWriter(
+        path, fingerprint, extra={"source": source_kind, **(extra or {})}, overwrite=True, resume=False,
+        what="featcache import",
+    )  # fmt: skip
     try:
         T = text.shape[0]
         templates = ["{}"] if T == 1 else [f"imported template {i} {{}}" for i in range(T)]
@@ -108,8 +110,7 @@ def write_imported(
             writer.finish_split(s)
         return writer.finalize()
     except BaseException:
-        writer.close()
-        writer.tmp.unlink(missing_ok=True)
+        writer.discard()  # an import is written in one go: nothing to resume
         raise
 
 
@@ -133,16 +134,27 @@ def import_npz(
     for need in ("train_features", "train_labels", "text_features", "classnames"):
         if need not in keys:
             raise StoreError(f"{file}: missing array '{need}' (has: {', '.join(sorted(keys))})")
-    classnames = [str(c) for c in z["classnames"].tolist()]
+    classnames = [str(c) for c in _array(z, "classnames", file).tolist()]
     splits = {}
     for s in ("train", "val", "test"):
         if f"{s}_features" in keys:
             if f"{s}_labels" not in keys:
                 raise StoreError(f"{file}: has {s}_features but no {s}_labels")
-            f = _as_float(z[f"{s}_features"], f"{s}_features")
-            splits[s] = (f, _labels(z[f"{s}_labels"], f.shape[0], len(classnames), f"{s}_labels"))
-    text = _as_float(z["text_features"], "text_features")
+            f = _as_float(_array(z, f"{s}_features", file), f"{s}_features")
+            splits[s] = (f, _labels(_array(z, f"{s}_labels", file), f.shape[0], len(classnames), f"{s}_labels"))
+    text = _as_float(_array(z, "text_features", file), "text_features")
     return write_imported(name, classnames, splits, text, [file], "npz", cache_dir, backbone, dtype, overwrite)
+
+
+def _array(z, key: str, file: Path) -> np.ndarray:
+    """One array of an .npz; object arrays are refused, never unpickled (a pickle can run any code)."""
+    try:
+        return z[key]
+    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
+        raise StoreError(
+            f"{file}: array '{key}' holds Python objects (dtype=object), which featcache does not unpickle; save "
+            "it as a numeric or string array (e.g. np.array(names, dtype=str))"
+        ) from e
 
 
 def _load_pt(path: Path) -> torch.Tensor:
@@ -214,8 +226,15 @@ def _load_text(path: Path):
     if not path.is_file():
         raise StoreError(f"no such file: {path}")
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise StoreError(f"{path}: not a plain numeric .npy array ({_first(e)}); save it without objects") from e
     return _load_pt(path)
+
+
+def _first(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _read_classnames(path: Path) -> list[str]:

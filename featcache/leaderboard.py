@@ -28,7 +28,49 @@ PUBLISHED_BASE2NOVEL = {
     "CoCoOp": (80.47, 71.69, 75.83),
     "MaPLe": (82.28, 75.14, 78.55),
     "MMA (layer-wise)": (83.20, 76.80, 79.87),
+    "ProLIP": (84.01, 73.86, 78.61),  # astra-vision/ProLIP README.md:249, validation-free (methods_2026.md §5.6)
 }
+# Published per-dataset figures of the training-free methods, from the references' logs (methods_2026.md §1.6, §6.8,
+# §7.5): (protocol, backbone, method) -> (seeds, {dataset: values}); base2novel values are (base, novel) at 16
+# shots, fewshot values the accuracies at 1, 2, 4, 8, 16 shots (None: not published). Their averages are computed
+# as for featcache rows. GDA: mrflogs/ICLR24 logs/base2new.log, fewshots.log, architecture.log ("Average" lines);
+# APE and Tip-X: yangyangyang127/APE APE_results.ipynb cell 0 (one draw; Tip-X's seeds are not stated).
+PUBLISHED_SHOTS = (1, 2, 4, 8, 16)
+_RN50, _B16 = "RN50-quickgelu/openai", "ViT-B-16-quickgelu/openai"
+_ONLY16 = {d: [None] * 4 + [a] for d, a in [
+    ("caltech101", 95.79), ("oxford_pets", 93.73), ("stanford_cars", 82.63), ("oxford_flowers", 97.92),
+    ("food101", 87.27), ("fgvc_aircraft", 50.33), ("sun397", 75.87), ("dtd", 71.26), ("eurosat", 89.19),
+    ("ucf101", 84.09), ("imagenet", 72.24)]}  # fmt: skip
+PUBLISHED_PER_DATASET = {
+    ("base2novel", _B16, "GDA"): (3, {
+        "caltech101": (98.04, 94.51), "oxford_pets": (94.10, 97.15), "stanford_cars": (78.71, 66.92),
+        "oxford_flowers": (97.78, 72.46), "food101": (90.63, 91.21), "fgvc_aircraft": (45.88, 34.09),
+        "sun397": (81.95, 75.62), "dtd": (80.63, 59.82), "eurosat": (93.28, 79.21), "ucf101": (86.63, 79.09),
+        "imagenet": (75.95, 69.79)}),
+    ("fewshot", _B16, "GDA"): (3, _ONLY16),
+    ("fewshot", _RN50, "GDA"): (3, {
+        "caltech101": [87.28, 88.63, 90.62, 91.35, 92.55], "oxford_pets": [85.49, 86.69, 87.19, 89.12, 88.81],
+        "stanford_cars": [56.77, 59.30, 62.75, 68.93, 75.12], "oxford_flowers": [72.11, 82.91, 89.73, 93.23, 95.72],
+        "food101": [77.42, 77.87, 77.83, 78.43, 79.05], "fgvc_aircraft": [17.29, 22.45, 28.24, 34.07, 40.61],
+        "sun397": [59.95, 63.64, 65.27, 68.58, 70.70], "dtd": [46.26, 51.26, 57.47, 62.77, 66.51],
+        "eurosat": [58.30, 67.88, 75.40, 81.70, 86.12], "ucf101": [62.61, 66.28, 71.31, 75.74, 77.53],
+        "imagenet": [60.64, 61.23, 61.71, 62.46, 63.82]}),
+    ("fewshot", _RN50, "APE"): (1, {
+        "caltech101": [90.47, 90.99, 91.81, 91.93, 92.49], "oxford_pets": [86.26, 87.06, 87.31, 87.55, 88.88],
+        "stanford_cars": [59.57, 61.39, 65.09, 66.71, 70.31], "oxford_flowers": [79.62, 83.68, 87.90, 91.11, 91.96],
+        "food101": [77.59, 77.64, 77.59, 78.27, 78.50], "fgvc_aircraft": [20.85, 22.89, 24.39, 28.32, 31.26],
+        "sun397": [64.37, 65.93, 66.64, 68.37, 69.72], "dtd": [52.66, 58.63, 60.70, 66.08, 67.73],
+        "eurosat": [59.79, 62.86, 70.33, 74.51, 78.16], "ucf101": [63.26, 65.72, 69.92, 71.74, 74.49],
+        "imagenet": [62.04, 62.34, 62.54, 62.79, 63.42]}),
+    ("fewshot", _B16, "APE"): (1, {"imagenet": [70.43, 70.91, 71.29, 71.59, 72.17]}),
+    ("fewshot", _RN50, "Tip-X"): (None, {
+        "caltech101": [88.39, 88.60, 89.29, 89.81, 90.70], "oxford_pets": [85.41, 87.95, 88.28, 89.12, 89.86],
+        "stanford_cars": [58.79, 60.27, 63.84, 65.81, 67.30], "oxford_flowers": [73.44, 79.41, 85.92, 88.59, 90.29],
+        "food101": [77.38, 77.53, 77.50, 77.87, 77.93], "fgvc_aircraft": [20.10, 21.93, 22.92, 26.91, 30.12],
+        "sun397": [61.69, 63.38, 64.94, 66.28, 68.00], "dtd": [46.98, 50.11, 55.20, 59.33, 63.53],
+        "eurosat": [55.88, 61.54, 68.14, 68.85, 73.16], "ucf101": [62.78, 66.45, 66.87, 68.88, 71.95],
+        "imagenet": [60.73, 61.03, 61.10, 61.57, 62.16]}),
+}  # fmt: skip
 METRICS = {
     "base2novel": ["base", "novel", "hm"], "fewshot": ["acc"], "xd": ["acc"], "dg": ["acc"],
     # retrieval: x is the item (image or video): t2x = text -> image/video, x2t = image/video -> text
@@ -126,15 +168,42 @@ def leaderboard(
     cols += ["datasets", "seeds", "fit_s", "params", "source"]
     wide = pd.DataFrame(out, columns=cols)
     if reference == "published":
-        if protocol != "base2novel":
-            raise ValueError("published reference rows exist for base2novel only (methods.md §1)")
-        pub = [{"backbone": "ViT-B-16-quickgelu/openai", "method": f"{name} (published)", "average/base": b,
-                "average/novel": n, "average/hm": h, "datasets": 11, "seeds": 3, "source": "published"}
-               for name, (b, n, h) in PUBLISHED_BASE2NOVEL.items()]  # fmt: skip
-        wide = pd.concat([wide, pd.DataFrame(pub, columns=cols)], ignore_index=True)
+        if protocol not in ("base2novel", "fewshot"):
+            raise ValueError("published reference rows exist for base2novel and fewshot only (methods.md §1)")
+        wide = pd.concat([wide, pd.DataFrame(published_rows(protocol), columns=cols)], ignore_index=True)
     elif reference is not None:
         raise ValueError(f"unknown reference {reference!r}; use 'published'")
     return wide, long
+
+
+def published_rows(protocol: str) -> list[dict[str, Any]]:
+    """The `--reference published` rows of a protocol (source `published`): the published base-to-novel averages,
+    and the per-dataset figures of PUBLISHED_PER_DATASET with their averages computed as for featcache rows."""
+    rows = []
+    if protocol == "base2novel":
+        rows += [{"backbone": "ViT-B-16-quickgelu/openai", "method": f"{name} (published)", "average/base": b,
+                  "average/novel": n, "average/hm": h, "datasets": 11, "seeds": 3, "source": "published"}
+                 for name, (b, n, h) in PUBLISHED_BASE2NOVEL.items()]  # fmt: skip
+    for (proto, backbone, method), (seeds, values) in PUBLISHED_PER_DATASET.items():
+        if proto != protocol:
+            continue
+        head = {"backbone": backbone, "method": f"{method} (published)", "seeds": seeds, "source": "published"}
+        if protocol == "base2novel":
+            row = head | {"datasets": len(values)}
+            for d, (b, n) in values.items():
+                row |= {f"{d}/base": b, f"{d}/novel": n, f"{d}/hm": _round(hm(b, n))}
+            base = sum(b for b, _ in values.values()) / len(values)
+            novel = sum(n for _, n in values.values()) / len(values)
+            row |= {"average/base": _round(base), "average/novel": _round(novel), "average/hm": _round(hm(base, novel))}
+            rows.append(row)
+            continue
+        for i, shots in enumerate(PUBLISHED_SHOTS):
+            accs = {d: v[i] for d, v in values.items() if v[i] is not None}
+            if accs:
+                avg = sum(accs.values()) / len(accs) if len(accs) == 11 else float("nan")
+                rows.append(head | {"shots": shots, "datasets": len(accs), "average/acc": _round(avg)}
+                            | {f"{d}/acc": a for d, a in accs.items()})  # fmt: skip
+    return rows
 
 
 def _seed_std(g: pd.DataFrame, datasets: list[str], m: str) -> float:

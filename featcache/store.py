@@ -18,16 +18,24 @@ split's rows are the frames (one per image) with `labels` = the index of their i
   /splits/<s>/captions/item     [M] int64, the item each caption describes
   /splits/<s>/captions/text     [M] str
 
+Every dataset is chunked and carries HDF5's fletcher32 checksum, so a flipped bit on disk is an error on read
+instead of a silently wrong feature; strings are therefore fixed-length UTF-8 (HDF5 filters refuse
+variable-length types). Format 2; format-1 stores (no checksums) must be rebuilt.
+
 A store is trusted because its fingerprint matches, never because the file exists. Writers work on
-`<name>.partial` and rename it into place only when every split is complete.
+`<name>.partial` under an inter-process lock (`<name>.lock`) and rename it into place only when every split
+is complete.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +43,11 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
-from .errors import FingerprintMismatch, StoreError
+from .errors import FeatcacheError, FingerprintMismatch, StoreError
 
-FORMAT = 1
+FORMAT = 2
 FINGERPRINT_FIELDS = (
     "featcache_version",
     "backbone",
@@ -52,9 +61,9 @@ FINGERPRINT_FIELDS = (
     "augmentation",
     "dtype",
 )
-_STR = h5py.string_dtype()
 log = logging.getLogger(__name__)
 _CHUNK_ROWS = 4096
+_LOCK_WAIT_S = 1.0  # a writer that just finished releases at once; a live one is not waited for
 
 
 def default_cache_dir() -> Path:
@@ -63,6 +72,174 @@ def default_cache_dir() -> Path:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+class StoreLock:
+    """An inter-process lock on `<store>.lock`, held for a whole write.
+
+    Two extractions of the same store would otherwise delete or rename each other's `.partial`. The lock is an
+    OS file lock (filelock: flock on Unix), so the kernel drops it when its holder dies: there is no stale lock to
+    clean up after a kill. The holder's pid goes into `<store>.lock.pid` so a refused run can say who holds it."""
+
+    def __init__(self, path: str | Path, what: str = "featcache extract"):
+        self.path = Path(path)
+        self.what = what
+        self._file = lock_path(self.path)
+        self._pid = self._file.with_name(self._file.name + ".pid")
+        self._lock = FileLock(self._file, timeout=_LOCK_WAIT_S)
+
+    def acquire(self) -> StoreLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise StoreError(f"{self._holder()} is writing {self.path}; wait for it to finish or stop it") from None
+        try:
+            self._pid.write_text(f"{os.getpid()} {self.what}\n")
+        except OSError:  # a full disk must not keep the lock from working: the pid is only for the message
+            pass
+        return self
+
+    def _holder(self) -> str:
+        try:
+            pid, what = self._pid.read_text().strip().split(" ", 1)
+            return f"another {what} (pid {int(pid)})"
+        except (OSError, ValueError):  # the holder is between taking the lock and writing its pid
+            return "another featcache process"
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._pid.unlink(missing_ok=True)  # before unlocking: the next holder writes its own
+            self._lock.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock.is_locked
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def os_errno(e: BaseException | None) -> int | None:
+    """The OS error number behind an exception, looking through its causes. h5py often raises a RuntimeError or
+    an OSError without errno whose only trace of the cause is 'errno = 28' inside the HDF5 message text."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and isinstance(e.errno, int) and e.errno > 0:
+            return e.errno
+        m = re.search(r"errno = (\d+)", str(e))
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def write_error(e: BaseException, path: Path, resumable: bool = True) -> StoreError:
+    """One line for a failed write, naming the real OS error: 'disk full' only for ENOSPC or EDQUOT (a guess
+    from free space would call every I/O error on a nearly full disk a full disk)."""
+    code = os_errno(e)
+    again = (
+        "rerun the same command: finished batches are kept and extraction resumes"
+        if resumable
+        else ("rerun the same command")
+    )
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.exists() else float("nan")
+        where = f"{free:.0f} MiB free in {path.parent}"
+        return StoreError(f"{what} while writing {path.name} ({where}); free space and {again}")
+    if code is not None:
+        name = errno.errorcode.get(code, f"errno {code}")
+        return StoreError(f"could not write {path}: {os.strerror(code)} ({name}); fix the cause and {again}")
+    return StoreError(f"could not write {path}: {_first_line(e)}")
+
+
+def close_after_failure(h5: h5py.File | None) -> None:
+    """Close an HDF5 file without writing another byte to it.
+
+    After a failed write (ENOSPC, EIO) HDF5's cached metadata is in an undefined state: flushing it again (an
+    ordinary close, or HDF5's own cleanup at interpreter exit) fails again ("Slist already enabled?") and can
+    crash the process. So the file's descriptor is first pointed at /dev/null and the close flushes into
+    nothing; the file on disk stays as the last successful flush left it, and a resume validates it."""
+    if h5 is None or not h5.id or not h5.id.valid:
+        return
+    try:
+        fd = h5.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, int(fd))
+        finally:
+            os.close(null)
+    except Exception:  # not the sec2 driver: an ordinary close is the best that can be done
+        pass
+    try:
+        h5.close()
+    except Exception:  # h5py can raise on close after an error; the file is gone from HDF5 either way
+        pass
+
+
+def _open_for_writing(path: Path, mode: str) -> h5py.File:
+    """No raw-data chunk cache: every write reaches the file inside the call that makes it, so a failure is
+    raised there. With a cache, checksummed chunks are written when a dataset handle is garbage-collected, where
+    h5py can only print the error and go on ("Exception ignored in __dealloc__"), and HDF5 is left in a state in
+    which no later close succeeds and the interpreter crashes at exit."""
+    return h5py.File(path, mode, rdcc_nbytes=0)
+
+
+def read_checked(path: Path, d: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+    """d[sel], with a failed read (checksum mismatch, damaged metadata) turned into one line saying what to do."""
+    try:
+        return d[sel]
+    except (OSError, RuntimeError) as e:
+        msg = str(e).lower()
+        why = "checksum failed" if "filter" in msg or "checksum" in msg else f"cannot read ({_first_line(e)})"
+        raise StoreError(f"{path} is corrupt ({why} reading {d.name}); delete it and extract again") from e
+
+
+def fixed_strings(values: list[str], width: int = 1) -> np.ndarray:
+    """Fixed-length UTF-8 bytes, at least `width` wide: HDF5 checksums only fixed-size types."""
+    enc = [v.encode() for v in values]
+    return np.array(enc, dtype=f"S{max([width, 1, *map(len, enc)])}")
+
+
+def _decode(a: np.ndarray) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in a.tolist()]
+
+
+def _create(g: h5py.Group, name: str, shape=None, dtype=None, data=None, rows: int = _CHUNK_ROWS) -> h5py.Dataset:
+    """A chunked, fletcher32-checksummed dataset, resizable along rows (chunking needs that for empty ones)."""
+    if data is not None:
+        data = np.asarray(data)
+        shape, dtype = data.shape, data.dtype
+    chunks = (max(1, min(shape[0], rows)), *shape[1:])
+    return g.create_dataset(
+        name, shape, dtype=dtype, data=data, maxshape=(None, *shape[1:]), chunks=chunks, fletcher32=True
+    )
+
+
+def _fit_strings(g: h5py.Group, name: str, values: np.ndarray) -> h5py.Dataset:
+    """The string dataset `name`, rebuilt wider if `values` do not fit its fixed width (rare: widths are sized
+    from the item list up front)."""
+    d = g[name]
+    if values.dtype.itemsize <= d.dtype.itemsize:
+        return d
+    old = d[()].astype(values.dtype)
+    del g[name]
+    new = _create(g, name, old.shape, values.dtype, rows=d.chunks[0])
+    new[...] = old
+    return new
 
 
 def check_fingerprint(found: dict[str, Any], expect: dict[str, Any] | None, where: str) -> None:
@@ -115,7 +292,14 @@ class Store:
             h5 = h5py.File(path, "r")
         except OSError as e:
             raise StoreError(f"{path}: not a readable HDF5 store ({e}); delete it and extract again") from e
-        if _attr(h5.attrs.get("format")) != str(FORMAT) or not h5.attrs.get("complete", False):
+        fmt = _attr(h5.attrs.get("format"))
+        if fmt is not None and str(fmt) != str(FORMAT) and h5.attrs.get("complete", False):
+            h5.close()
+            raise StoreError(
+                f"{path}: written in store format {fmt} by an older featcache; this one reads format {FORMAT} "
+                "(checksummed); rebuild it: rerun the same `featcache extract` (or `featcache import`) with --overwrite"
+            )
+        if str(fmt) != str(FORMAT) or not h5.attrs.get("complete", False):
             h5.close()
             raise StoreError(f"{path}: not a complete featcache store; delete it and extract again")
         store = cls(path, h5)
@@ -147,7 +331,7 @@ class Store:
     def classnames(self) -> list[str]:
         if "classnames" not in self._h5:
             return []
-        return [c.decode() if isinstance(c, bytes) else c for c in self._h5["classnames"][()]]
+        return _decode(self._read(self._h5["classnames"]))
 
     @property
     def templates(self) -> list[str]:
@@ -171,7 +355,7 @@ class Store:
         c = g["captions"]
 
         def read(d: h5py.Dataset) -> torch.Tensor:
-            a = d[()]
+            a = self._read(d)
             return torch.from_numpy(a.astype(np.int64) if a.dtype.kind in "iu" else a).to(device)
 
         return make_set(
@@ -198,16 +382,16 @@ class Store:
     def split(self, split: str, device: str | torch.device = "cpu", aug: bool = True) -> SplitData:
         """Read a whole split as float32 tensors (fast: one contiguous read per dataset)."""
         g = self._group(split)
-        feats = torch.from_numpy(g["features"][()]).to(device=device, dtype=torch.float32)
-        labels = torch.from_numpy(g["labels"][()].astype(np.int64)).to(device)
+        feats = torch.from_numpy(self._read(g["features"])).to(device=device, dtype=torch.float32)
+        labels = torch.from_numpy(self._read(g["labels"]).astype(np.int64)).to(device)
         views = None
         if aug and "aug" in g:
-            views = torch.from_numpy(g["aug"][()]).to(device=device, dtype=torch.float32)
+            views = torch.from_numpy(self._read(g["aug"])).to(device=device, dtype=torch.float32)
         return SplitData(feats, labels, views)
 
     def labels(self, split: str) -> torch.Tensor:
         """Labels only: cheap even for ImageNet's 1.28M training rows."""
-        return torch.from_numpy(self._group(split)["labels"][()].astype(np.int64))
+        return torch.from_numpy(self._read(self._group(split)["labels"]).astype(np.int64))
 
     def rows(self, split: str, rows: list[int], device: str | torch.device = "cpu", aug: bool = True) -> SplitData:
         """Some rows of a split, in the order given; only those rows are read from disk (a 16-shot draw reads
@@ -221,7 +405,7 @@ class Store:
         uniq, inverse = np.unique(idx, return_inverse=True)  # h5py reads increasing, unique indices
 
         def read(name: str) -> torch.Tensor:
-            return torch.from_numpy(g[name][uniq][inverse])
+            return torch.from_numpy(self._read(g[name], uniq)[inverse])
 
         feats = read("features").to(device=device, dtype=torch.float32)
         labels = read("labels").long().to(device)
@@ -229,13 +413,13 @@ class Store:
         return SplitData(feats, labels, views)
 
     def ids(self, split: str) -> list[str]:
-        return [i.decode() if isinstance(i, bytes) else i for i in self._group(split)["ids"][()]]
+        return _decode(self._read(self._group(split)["ids"]))
 
     def skipped(self, split: str) -> list[tuple[str, str]]:
         g = self._group(split)
         if "skipped" not in g:
             return []
-        rows = [s.decode() if isinstance(s, bytes) else s for s in g["skipped"][()]]
+        rows = _decode(self._read(g["skipped"]))
         return [tuple(r.split("\t", 1)) for r in rows]  # type: ignore[misc]
 
     def augment_views(self, split: str = "train") -> int:
@@ -245,7 +429,7 @@ class Store:
     def text(self, template: str | None = None) -> torch.Tensor:
         """Class text features [C, D]: the dataset's own template (None), 'ensemble', or a template string."""
         if template == "ensemble":
-            return torch.from_numpy(self._h5["text/ensemble"][()])
+            return torch.from_numpy(self._read(self._h5["text/ensemble"]))
         temps = self.templates
         if template is None:
             idx = 0
@@ -253,10 +437,14 @@ class Store:
             idx = temps.index(template)
         else:
             raise StoreError(f"{self.path}: no text features for template {template!r}; stored: {temps}")
-        return torch.from_numpy(self._h5["text/features"][idx])
+        return torch.from_numpy(self._read(self._h5["text/features"], idx))
 
     def text_all(self) -> torch.Tensor:
-        return torch.from_numpy(self._h5["text/features"][()])
+        return torch.from_numpy(self._read(self._h5["text/features"]))
+
+    def _read(self, d: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+        """Every read goes through here: a checksum failure becomes a StoreError naming the store and dataset."""
+        return read_checked(self.path, d, sel)
 
     def summary(self) -> dict[str, Any]:
         """What `featcache ls/info` print: fingerprint, classes, splits and counts, size on disk."""
@@ -286,9 +474,20 @@ def _attr(v: Any) -> Any:
 class StoreWriter:
     """Builds a store under `<path>.partial`; resumes an interrupted build; renames into place on `finalize`.
 
-    Resuming: each split group records `items_done` (items consumed from the split's list) and `rows_done`
-    (rows written; fewer when --skip-bad drops items). Both are updated only after a batch's data is written
-    and flushed, so a killed run loses at most the batch in flight and a rerun recomputes exactly that.
+    The writer holds `<path>.lock` from construction to `finalize`/`close`/`discard`, and touches the partial
+    file (opens, deletes, renames it) only while holding it: a second writer is refused up front.
+
+    Resuming: each split group records `items_done` (items consumed from the split's list), `rows_done` (rows
+    written; fewer when --skip-bad drops items) and `batch_start` (first row of the last batch). They are
+    updated only after a batch's data is written and flushed, so a killed run loses at most the batch in flight
+    and a rerun recomputes exactly that. A partial is resumed only after `partial_problem` finds it sound.
+
+    After any failed write the file is closed without another byte written (`close_after_failure`) and the
+    error is raised as one StoreError line naming the real OS error.
+
+    `overwrite` never deletes the existing store: the new one is built from scratch in the partial and replaces
+    the old one only at `finalize`, so a run that fails (or is refused) leaves the old store as it was.
+    `resume=False` always starts the partial over (imports write in one go).
     """
 
     def __init__(
@@ -297,47 +496,76 @@ class StoreWriter:
         fingerprint: dict[str, Any],
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
+        resume: bool = True,
+        what: str = "featcache extract",
     ):
         self.path = Path(path)
         self.tmp = partial_path(self.path)
         self.fingerprint = {k: str(fingerprint.get(k, "")) for k in FINGERPRINT_FIELDS}
         self.resumed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        h5 = None
+        self.resumable = resume
+        self.h5: h5py.File | None = None
+        self._failed = False
+        self.lock = StoreLock(self.path, what).acquire()
+        try:
+            self.h5 = self._open(extra, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, extra: dict[str, Any] | None, overwrite: bool) -> h5py.File:
         if self.tmp.exists():
-            try:
-                h5 = h5py.File(self.tmp, "a")
-                check_fingerprint({k: _attr(h5.attrs.get(k)) for k in FINGERPRINT_FIELDS}, self.fingerprint, "")
+            problem = partial_problem(self.tmp, self.fingerprint) if self.resumable else None
+            if self.resumable and problem is None:
                 self.resumed = True
-            except Exception as e:  # unreadable after a hard kill, or made with other settings: start over
-                if h5 is not None:
-                    h5.close()
-                h5 = None
-                log.warning("discarding unfinished %s (%s); starting it over", self.tmp.name, e)
-                self.tmp.unlink()
-        if h5 is None and self.path.exists():
-            if overwrite:
-                self.path.unlink()
-            else:
+                return _open_for_writing(self.tmp, "a")
+            if problem is not None:
+                log.warning("discarding %s %s (%s); starting over", problem[0], self.tmp.name, problem[1])
+            self.tmp.unlink()  # we hold the lock: this partial is no live run's
+        if self.path.exists() and not overwrite:
+            try:
                 with h5py.File(self.path, "r") as old:
                     found = {k: _attr(old.attrs.get(k)) for k in FINGERPRINT_FIELDS}
-                try:
-                    check_fingerprint(found, self.fingerprint, str(self.path))
-                except FingerprintMismatch as e:
-                    raise FingerprintMismatch(str(e).split("; ")[0] + "; pass --overwrite to rebuild it") from None
-        if h5 is None and self.path.exists():
+                    fmt = _attr(old.attrs.get("format"))
+            except OSError as e:
+                raise StoreError(f"{self.path}: not a readable HDF5 store ({e}); pass --overwrite to rebuild it") from e
+            if str(fmt) != str(FORMAT):
+                raise StoreError(
+                    f"{self.path} was written in store format {fmt} by an older featcache (this one writes format "
+                    f"{FORMAT}, checksummed); pass --overwrite to rebuild it"
+                )
+            try:
+                check_fingerprint(found, self.fingerprint, str(self.path))
+            except FingerprintMismatch as e:
+                raise FingerprintMismatch(str(e).split("; ")[0] + "; pass --overwrite to rebuild it") from None
             # add splits to a complete store: work on a copy so the complete file stays intact until the end
             shutil.copyfile(self.path, self.tmp)
-            h5 = h5py.File(self.tmp, "a")
+            h5 = _open_for_writing(self.tmp, "a")
             h5.attrs["complete"] = False
-        if h5 is None:
-            h5 = h5py.File(self.tmp, "w")
-            h5.attrs["format"] = str(FORMAT)
-            h5.attrs["complete"] = False
-            for k, v in self.fingerprint.items():
-                h5.attrs[k] = v
-            h5.attrs["extra"] = json.dumps(extra or {}, sort_keys=True)
-        self.h5 = h5
+            return h5
+        h5 = _open_for_writing(self.tmp, "w")  # --overwrite too: a fresh file, the old store stays until finalize
+        h5.attrs["format"] = str(FORMAT)
+        h5.attrs["complete"] = False
+        for k, v in self.fingerprint.items():
+            h5.attrs[k] = v
+        h5.attrs["extra"] = json.dumps(extra or {}, sort_keys=True)
+        return h5
+
+    @contextmanager
+    def _writing(self):
+        """Around every write: after a failure the file is closed untouched and the error becomes one line."""
+        if self._failed or self.h5 is None:
+            raise StoreError(f"{self.tmp}: an earlier write failed; rerun the same command")
+        try:
+            yield
+        except FeatcacheError:
+            raise  # a refused value (shapes, incomplete splits): nothing was written
+        except Exception as e:
+            self._failed = True
+            close_after_failure(self.h5)
+            if isinstance(e, (OSError, RuntimeError)):  # what h5py and the OS raise
+                raise write_error(e, self.path, self.resumable) from e
+            raise
 
     # -- class names and text ------------------------------------------------------------------------
     def has_text(self) -> bool:
@@ -357,16 +585,17 @@ class StoreWriter:
         ens = ensemble_templates or templates
         idx = [templates.index(t) for t in ens]
         ensemble = torch.nn.functional.normalize(features[idx].float().mean(0), dim=-1)
-        for name in ("classnames", "text"):
-            if name in self.h5:
-                del self.h5[name]
-        self.h5.create_dataset("classnames", data=np.array(classnames, dtype=object), dtype=_STR)
-        g = self.h5.create_group("text")
-        d = g.create_dataset("features", data=features.float().cpu().numpy())
-        d.attrs["templates"] = json.dumps(templates)
-        e = g.create_dataset("ensemble", data=ensemble.cpu().numpy())
-        e.attrs["ensemble_templates"] = json.dumps(ens)
-        self.h5.flush()
+        with self._writing():
+            for name in ("classnames", "text"):
+                if name in self.h5:
+                    del self.h5[name]
+            _create(self.h5, "classnames", data=fixed_strings(classnames))
+            g = self.h5.create_group("text")
+            d = _create(g, "features", data=features.float().cpu().numpy(), rows=1)  # one template per chunk
+            d.attrs["templates"] = json.dumps(templates)
+            e = _create(g, "ensemble", data=ensemble.cpu().numpy())
+            e.attrs["ensemble_templates"] = json.dumps(ens)
+            self.h5.flush()
 
     # -- image features ------------------------------------------------------------------------------
     def split_state(self, split: str) -> tuple[int, int, bool]:
@@ -376,29 +605,26 @@ class StoreWriter:
             return 0, 0, False
         return int(g.attrs["items_done"]), int(g.attrs["rows_done"]), bool(g.attrs["complete"])
 
-    def begin_split(self, split: str, n_items: int, dim: int, aug_views: int = 0) -> int:
-        """Create (or reopen) a split sized for n_items rows; return how many items are already done."""
-        splits = self.h5.require_group("splits")
-        if split in splits:
-            g = splits[split]
-            if int(g.attrs["n_items"]) == n_items and int(g["features"].shape[1]) == dim:
-                return int(g.attrs["items_done"])
-            del splits[split]  # the item list changed (new split file?): this split starts over
-        g = splits.create_group(split)
-        dtype = np.float16 if self.fingerprint["dtype"] == "float16" else np.float32
-        rows = max(1, min(n_items, _CHUNK_ROWS))
-        g.create_dataset("features", (n_items, dim), dtype=dtype, maxshape=(None, dim), chunks=(rows, dim))
-        g.create_dataset("labels", (n_items,), dtype=np.int64, maxshape=(None,), chunks=(rows,))
-        g.create_dataset("ids", (n_items,), dtype=_STR, maxshape=(None,), chunks=(rows,))
-        if aug_views:
-            vrows = max(1, min(n_items, max(1, _CHUNK_ROWS // aug_views)))
-            g.create_dataset(
-                "aug", (n_items, aug_views, dim), dtype=dtype, maxshape=(None, aug_views, dim),
-                chunks=(vrows, aug_views, dim),
-            )  # fmt: skip
-        g.attrs.update({"n_items": n_items, "items_done": 0, "rows_done": 0, "complete": False})
-        self.h5.flush()
-        return 0
+    def begin_split(self, split: str, n_items: int, dim: int, aug_views: int = 0, id_width: int = 16) -> int:
+        """Create (or reopen) a split sized for n_items rows; return how many items are already done.
+        `id_width`: bytes of the longest item id (wider ids still fit, at the cost of a rewrite)."""
+        with self._writing():
+            splits = self.h5.require_group("splits")
+            if split in splits:
+                g = splits[split]
+                if int(g.attrs["n_items"]) == n_items and int(g["features"].shape[1]) == dim:
+                    return int(g.attrs["items_done"])
+                del splits[split]  # the item list changed (new split file?): this split starts over
+            g = splits.create_group(split)
+            dtype = np.float16 if self.fingerprint["dtype"] == "float16" else np.float32
+            _create(g, "features", (n_items, dim), dtype)
+            _create(g, "labels", (n_items,), np.int64)
+            _create(g, "ids", (n_items,), f"S{max(1, id_width)}")
+            if aug_views:
+                _create(g, "aug", (n_items, aug_views, dim), dtype, rows=max(1, _CHUNK_ROWS // aug_views))
+            g.attrs.update({"n_items": n_items, "items_done": 0, "rows_done": 0, "batch_start": 0, "complete": False})
+            self.h5.flush()
+            return 0
 
     def write_batch(
         self,
@@ -411,84 +637,169 @@ class StoreWriter:
         skipped: list[tuple[str, str]] | None = None,
     ) -> None:
         """Append the rows of a batch that consumed `n_items` items (rows < items when items were skipped)."""
-        g = self.h5["splits"][split]
-        r0 = int(g.attrs["rows_done"])
-        r1 = r0 + len(ids)
-        if len(ids):
-            g["features"][r0:r1] = features.detach().cpu().numpy().astype(g["features"].dtype, copy=False)
-            g["labels"][r0:r1] = np.asarray(labels, dtype=np.int64)
-            g["ids"][r0:r1] = np.array(ids, dtype=object)
-            if aug is not None:
-                g["aug"][r0:r1] = aug.detach().cpu().numpy().astype(g["aug"].dtype, copy=False)
-        if skipped:
-            rows = np.array([f"{i}\t{err}" for i, err in skipped], dtype=object)
-            if "skipped" not in g:
-                g.create_dataset("skipped", (0,), dtype=_STR, maxshape=(None,), chunks=(256,))
-            d = g["skipped"]
-            d.resize((d.shape[0] + len(rows),))
-            d[-len(rows) :] = rows
-        self.h5.flush()
-        g.attrs["items_done"] = int(g.attrs["items_done"]) + n_items
-        g.attrs["rows_done"] = r1
-        self.h5.flush()
+        with self._writing():
+            g = self.h5["splits"][split]
+            r0 = int(g.attrs["rows_done"])
+            r1 = r0 + len(ids)
+            if len(ids):
+                g["features"][r0:r1] = features.detach().cpu().numpy().astype(g["features"].dtype, copy=False)
+                g["labels"][r0:r1] = np.asarray(labels, dtype=np.int64)
+                names = fixed_strings(ids)
+                _fit_strings(g, "ids", names)[r0:r1] = names
+                if aug is not None:
+                    g["aug"][r0:r1] = aug.detach().cpu().numpy().astype(g["aug"].dtype, copy=False)
+            if skipped:
+                rows = fixed_strings([f"{i}\t{err}" for i, err in skipped], 64)
+                if "skipped" not in g:
+                    _create(g, "skipped", (0,), rows.dtype, rows=256)
+                d = _fit_strings(g, "skipped", rows)
+                k = int(g.attrs["items_done"]) - r0  # items skipped by the batches already counted
+                d.resize((k + len(rows),))  # a torn earlier try of this batch is overwritten, not appended to
+                d[k:] = rows
+            self.h5.flush()
+            g.attrs["items_done"] = int(g.attrs["items_done"]) + n_items
+            g.attrs["rows_done"] = r1
+            g.attrs["batch_start"] = r0
+            self.h5.flush()
 
     # -- retrieval captions ----------------------------------------------------------------------------
     def begin_captions(
         self, split: str, captions: list[str], caption_item: list[int], items: list[str], dim: int
     ) -> int:
         """Create (or reopen) a split's caption table; return how many caption embeddings are already written."""
-        g = self.h5["splits"][split]
-        if "captions" in g:
-            c = g["captions"]
-            if c["item"].shape[0] == len(captions) and c["features"].shape[1] == dim:
-                return int(c.attrs["done"])
-            del g["captions"]
-        if "items" in g:
-            del g["items"]
-        g.create_dataset("items", data=np.array(items, dtype=object), dtype=_STR)
-        c = g.create_group("captions")
-        dtype = np.float16 if self.fingerprint["dtype"] == "float16" else np.float32
-        rows = max(1, min(len(captions), _CHUNK_ROWS))
-        c.create_dataset("features", (len(captions), dim), dtype=dtype, chunks=(rows, dim))
-        c.create_dataset("item", data=np.asarray(caption_item, dtype=np.int64))
-        c.create_dataset("text", data=np.array(captions, dtype=object), dtype=_STR)
-        c.attrs.update({"done": 0, "complete": len(captions) == 0})
-        self.h5.flush()
-        return 0
+        with self._writing():
+            g = self.h5["splits"][split]
+            if "captions" in g:
+                c = g["captions"]
+                if c["item"].shape[0] == len(captions) and c["features"].shape[1] == dim:
+                    return int(c.attrs["done"])
+                del g["captions"]
+            if "items" in g:
+                del g["items"]
+            _create(g, "items", data=fixed_strings(items))
+            c = g.create_group("captions")
+            dtype = np.float16 if self.fingerprint["dtype"] == "float16" else np.float32
+            _create(c, "features", (len(captions), dim), dtype)
+            _create(c, "item", data=np.asarray(caption_item, dtype=np.int64))
+            _create(c, "text", data=fixed_strings(captions))
+            c.attrs.update({"done": 0, "batch_start": 0, "complete": len(captions) == 0})
+            self.h5.flush()
+            return 0
 
     def write_captions(self, split: str, features: torch.Tensor) -> None:
         """Append the next batch of caption embeddings (resumable like image batches)."""
-        c = self.h5["splits"][split]["captions"]
-        r0 = int(c.attrs["done"])
-        c["features"][r0 : r0 + len(features)] = features.detach().cpu().numpy().astype(c["features"].dtype)
-        self.h5.flush()
-        c.attrs["done"] = r0 + len(features)
-        c.attrs["complete"] = r0 + len(features) == c["item"].shape[0]
-        self.h5.flush()
+        with self._writing():
+            c = self.h5["splits"][split]["captions"]
+            r0 = int(c.attrs["done"])
+            c["features"][r0 : r0 + len(features)] = features.detach().cpu().numpy().astype(c["features"].dtype)
+            self.h5.flush()
+            c.attrs["done"] = r0 + len(features)
+            c.attrs["batch_start"] = r0
+            c.attrs["complete"] = r0 + len(features) == c["item"].shape[0]
+            self.h5.flush()
 
     def finish_split(self, split: str) -> None:
-        g = self.h5["splits"][split]
-        rows = int(g.attrs["rows_done"])
-        for name in ("features", "labels", "ids", "aug"):
-            if name in g and g[name].shape[0] != rows:
-                d = g[name]
-                d.resize((rows, *d.shape[1:]))
-        g.attrs["complete"] = True
-        self.h5.flush()
+        with self._writing():
+            g = self.h5["splits"][split]
+            rows = int(g.attrs["rows_done"])
+            for name in ("features", "labels", "ids", "aug"):
+                if name in g and g[name].shape[0] != rows:
+                    d = g[name]
+                    d.resize((rows, *d.shape[1:]))
+            g.attrs["complete"] = True
+            self.h5.flush()
 
     def finalize(self) -> Path:
-        """Check every split is complete, then atomically rename the partial file into place."""
-        for name, g in self.h5.get("splits", {}).items():
-            if not g.attrs["complete"] or ("captions" in g and not g["captions"].attrs["complete"]):
-                raise StoreError(f"split '{name}' is incomplete; cannot finalize {self.path}")
-        if not self.has_text() and json.loads(self.h5.attrs["extra"]).get("task") != "retrieval":
-            raise StoreError(f"no text features written; cannot finalize {self.path}")
-        self.h5.attrs["complete"] = True
-        self.h5.close()
-        os.replace(self.tmp, self.path)
+        """Check every split is complete, then atomically rename the partial file into place (replacing an
+        older store only now) and release the lock."""
+        with self._writing():
+            for name, g in self.h5.get("splits", {}).items():
+                if not g.attrs["complete"] or ("captions" in g and not g["captions"].attrs["complete"]):
+                    raise StoreError(f"split '{name}' is incomplete; cannot finalize {self.path}")
+            if not self.has_text() and json.loads(self.h5.attrs["extra"]).get("task") != "retrieval":
+                raise StoreError(f"no text features written; cannot finalize {self.path}")
+            self.h5.attrs["complete"] = True
+            self.h5.close()
+            os.replace(self.tmp, self.path)
+        self.lock.release()
         return self.path
 
     def close(self) -> None:
-        """Close without finalizing (the partial file stays for a later resume)."""
-        if self.h5.id.valid:
-            self.h5.close()
+        """Close without finalizing (the partial file stays for a later resume) and release the lock. Never
+        raises: it runs while another error is on its way out."""
+        try:
+            if not self._failed and self.h5 is not None and self.h5.id and self.h5.id.valid:
+                try:
+                    self.h5.close()
+                except Exception:
+                    self._failed = True
+                    close_after_failure(self.h5)
+        finally:
+            self.lock.release()
+
+    def discard(self) -> None:
+        """Close and delete the partial file, still under the lock (never another process's file)."""
+        try:
+            self._failed = True
+            close_after_failure(self.h5)
+            self.tmp.unlink(missing_ok=True)
+        finally:
+            self.lock.release()
+
+
+def partial_problem(tmp: Path, fingerprint: dict[str, str]) -> tuple[str, str] | None:
+    """Why a `.partial` left by an earlier run must not be resumed, as ("damaged" | "unfinished", reason), or
+    None if it can be.
+
+    A hard kill, a full disk or an I/O error can leave the file unreadable, its counts ahead of its data, or the
+    chunk holding the last committed rows torn (a failed batch rewrites that chunk). So: it must open, have this
+    format and fingerprint, counts consistent with the dataset shapes, and the last batch's rows (which include
+    that chunk) plus the small datasets must read back with valid checksums."""
+    try:
+        with h5py.File(tmp, "r") as h5:
+            if str(_attr(h5.attrs.get("format"))) != str(FORMAT):
+                return "unfinished", f"store format {_attr(h5.attrs.get('format'))}, not {FORMAT}"
+            try:
+                check_fingerprint({k: _attr(h5.attrs.get(k)) for k in FINGERPRINT_FIELDS}, fingerprint, "")
+            except FingerprintMismatch as e:
+                return "unfinished", "made with other settings: " + str(e).split(": ", 1)[-1].split("; ")[0]
+            damage = _damage(h5)
+            return None if damage is None else ("damaged", damage)
+    except Exception as e:  # unreadable: truncated, overwritten, "addr overflow" after a failed flush
+        msg = _first_line(e)
+        return "damaged", "checksum failed" if "filter returned failure" in msg else msg
+
+
+def _damage(h5: h5py.File) -> str | None:
+    for name in ("classnames", "text/features", "text/ensemble"):
+        if name in h5:
+            h5[name][()]
+    for s, g in h5.get("splits", {}).items():
+        n, items, rows = (int(g.attrs[k]) for k in ("n_items", "items_done", "rows_done"))
+        start, complete = int(g.attrs.get("batch_start", 0)), bool(g.attrs["complete"])
+        if not (0 <= rows <= items <= n and 0 <= start <= rows) or (complete and items != n):
+            return f"split '{s}' counts are inconsistent ({items}/{n} items, {rows} rows)"
+        lo = max(0, min(start, rows - 1))
+        for name in ("features", "labels", "ids", "aug"):
+            if name not in g:
+                if name == "aug":
+                    continue
+                return f"split '{s}' has no {name}"
+            size = g[name].shape[0]
+            if size < rows or (complete and size != rows):
+                return f"split '{s}' {name} holds {size} rows, its counts say {rows}"
+            g[name][lo:rows]
+        if "skipped" in g and g["skipped"].shape[0] < items - rows:
+            return f"split '{s}' records fewer skipped items than it skipped"
+        for name in ("skipped", "items"):
+            if name in g:
+                g[name][()]
+        if "captions" in g:
+            c = g["captions"]
+            m, done, cs = int(c["item"].shape[0]), int(c.attrs["done"]), int(c.attrs.get("batch_start", 0))
+            if not (0 <= cs <= done <= m) or c["features"].shape[0] != m or c["text"].shape[0] != m:
+                return f"split '{s}' caption counts are inconsistent"
+            c["features"][max(0, min(cs, done - 1)) : done]
+            c["item"][()]
+            c["text"][()]
+    return None

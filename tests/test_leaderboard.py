@@ -115,10 +115,18 @@ def test_fewshot_rows_per_shots_and_xd_average_excludes_source():
 def test_published_reference_rows(tmp_path):
     wide, _ = leaderboard(b2n_records(), "base2novel", reference="published")
     pub = wide[wide["source"] == "published"].set_index("method")
-    assert len(pub) == len(PUBLISHED_BASE2NOVEL)
+    assert len(pub) == len(PUBLISHED_BASE2NOVEL) + 1  # and GDA's per-dataset row
     assert pub.loc["MMA (layer-wise) (published)", "average/hm"] == 79.87
-    with pytest.raises(ValueError, match="base2novel only"):
-        leaderboard(b2n_records(), "fewshot", reference="published")
+    assert pub.loc["GDA (published)", "average/base"] == pytest.approx(83.96, abs=0.005)  # from its 11 datasets
+    assert pub.loc["GDA (published)", "average/hm"] == pytest.approx(78.97, abs=0.005)
+    recs = [rec("m", "dtd", 1, acc=50, protocol="fewshot")]
+    fs = leaderboard(recs, "fewshot", reference="published")[0].set_index(["backbone", "method", "shots"])
+    gda = fs.loc[("RN50-quickgelu/openai", "GDA (published)", 16)]
+    assert gda["average/acc"] == pytest.approx(76.05, abs=0.005) and gda["dtd/acc"] == 66.51 and gda["seeds"] == 3
+    assert fs.loc[("RN50-quickgelu/openai", "APE (published)", 16), "average/acc"] == pytest.approx(73.36, abs=0.005)
+    assert fs.loc[("RN50-quickgelu/openai", "Tip-X (published)", 16), "average/acc"] == pytest.approx(71.36, abs=0.005)
+    with pytest.raises(ValueError, match="base2novel and fewshot only"):
+        leaderboard(b2n_records(), "xd", reference="published")
 
 
 def test_csv_files(tmp_path):

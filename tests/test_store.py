@@ -102,9 +102,11 @@ def test_writer_refuses_other_settings_without_overwrite(tmp_path):
     _write(p)
     with pytest.raises(FingerprintMismatch, match="'augmentation' differs.*pass --overwrite"):
         StoreWriter(p, FP | {"augmentation": "x10"})
+    before = p.read_bytes()
     w = StoreWriter(p, FP | {"augmentation": "x10"}, overwrite=True)
+    assert not w.resumed and "splits" not in w.h5  # overwrite starts from scratch, not from a copy
     w.close()
-    assert not p.exists()  # overwrite starts from scratch
+    assert p.read_bytes() == before  # and the old store stays whole until the new one is finalized
 
 
 def test_missing_and_corrupt_files(tmp_path):

@@ -18,4 +18,14 @@ __all__ = [
 ]  # fmt: skip
 
 # each method registers itself on import
-from . import clip_adapter, coop, linear_probe, mm_attn, tip_adapter, zero_shot  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    ape,  # noqa: E402, F401
+    clip_adapter,
+    coop,
+    gda,  # noqa: E402, F401
+    linear_probe,
+    mm_attn,
+    tip_adapter,
+    tip_x,  # noqa: E402, F401
+    zero_shot,
+)

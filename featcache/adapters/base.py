@@ -34,6 +34,7 @@ class FitData:
     val_y: torch.Tensor | None = None
     train_aug: torch.Tensor | None = None  # [N, V, D] augmented views, if the store has them
     classnames: list[str] = field(default_factory=list)
+    protocol: str = ""  # the protocol the rows were drawn for, for methods whose reference fits per protocol (GDA)
 
     @property
     def num_classes(self) -> int:

@@ -174,7 +174,7 @@ def build_task(
         val_x, val_y = select_classes(val_x, val_y, classes)
     fit = FitData(
         train_x=fx, train_y=fy, text=text_all[classes], val_x=val_x, val_y=val_y, train_aug=faug,
-        classnames=[classnames[c] for c in classes],
+        classnames=[classnames[c] for c in classes], protocol=protocol,
     )  # fmt: skip
 
     def loader(name: str, cls: list[int], seen: bool) -> Callable[[], EvalSet]:

@@ -28,7 +28,7 @@ from ..data import ImageDataset, augment_transform, collate, default_data_root, 
 from ..errors import DataError, StoreError
 from ..extract import augmentation_tag, store_path
 from ..manifests import load_manifest
-from ..store import check_fingerprint
+from ..store import StoreLock, check_fingerprint, close_after_failure, fixed_strings, read_checked, write_error
 from ..text import TextInput, embed_text, run_text_blocks, text_head
 from .inject import vision_tower
 
@@ -110,33 +110,53 @@ def extract_tokens(
     probe = vision_tokens(bb.model, torch.zeros(1, 3, bb.image_size, bb.image_size, device=bb.device), layer)
     T, W = probe.shape[1:]
     aug = augment_transform(bb.preprocess_cfg)
-    with h5py.File(tmp, "w") as f:
-        for k, v in _fingerprint(bb, manifest, scheme.name, layer, augment_views, augment_seed).items():
-            f.attrs[k] = v
-        for split, items in resolved.items():
-            n, views = len(items.items), augment_views if split == "train" else 0
-            g = f.create_group(f"splits/{split}")
-            toks = g.create_dataset("tokens", (n, T, W), dtype=np.float16, chunks=(1, T, W))
-            vt = g.create_dataset("aug", (n, views, T, W), dtype=np.float16, chunks=(1, 1, T, W)) if views else None
-            g.create_dataset("labels", data=np.array([it.label for it in items.items], dtype=np.int64))
-            g.create_dataset(
-                "ids", data=np.array([it.id for it in items.items], dtype=object), dtype=h5py.string_dtype()
-            )
-            ds = ImageDataset(items.items, items.source, bb.preprocess, split=split, aug=aug if views else None,
-                              aug_views=views, aug_seed=augment_seed)  # fmt: skip
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-            for batch in tqdm(loader, desc=f"tokens {split}", unit="batch", disable=not progress):
-                if batch["bad"]:
-                    raise DataError(f"unreadable image {batch['bad'][0][1]}")
-                lo, hi = batch["pos"][0], batch["pos"][-1] + 1
-                toks[lo:hi] = vision_tokens(bb.model, batch["x"].to(bb.device), layer).cpu().numpy()
-                if vt is not None:
-                    v = batch["views"]
-                    out = vision_tokens(bb.model, v.flatten(0, 1).to(bb.device), layer)
-                    vt[lo:hi] = out.view(v.shape[0], views, T, W).cpu().numpy()
-        f.attrs["complete"] = True
-    os.replace(tmp, path)
+    with StoreLock(path, "featcache extract --cache-layer"):  # never truncate or rename another run's partial
+        f = h5py.File(tmp, "w", rdcc_nbytes=0)  # writes fail where they are made (see store._open_for_writing)
+        try:
+            _write_tokens(f, bb, manifest, scheme.name, layer, resolved, (T, W), aug, augment_views, augment_seed,
+                          batch_size, workers, progress)  # fmt: skip
+            f.close()
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # h5py's and the OS's: close without flushing again, one line
+            close_after_failure(f)
+            raise write_error(e, path, resumable=False) from e
+        except BaseException:
+            close_after_failure(f)
+            raise
     return path
+
+
+def _write_tokens(f, bb, manifest, scheme, layer, resolved, shape, aug, augment_views, augment_seed, batch_size,
+                  workers, progress) -> None:  # fmt: skip
+    """Every dataset chunked and fletcher32-checksummed, like the feature store's."""
+    T, W = shape
+    for k, v in _fingerprint(bb, manifest, scheme, layer, augment_views, augment_seed).items():
+        f.attrs[k] = v
+    for split, items in resolved.items():
+        n, views = len(items.items), augment_views if split == "train" else 0
+        g = f.create_group(f"splits/{split}")
+        toks = g.create_dataset("tokens", (n, T, W), dtype=np.float16, chunks=(1, T, W), fletcher32=True)
+        vt = None
+        if views:
+            vt = g.create_dataset("aug", (n, views, T, W), dtype=np.float16, chunks=(1, 1, T, W), fletcher32=True)
+        rows = max(1, min(n, 4096))
+        labels = np.array([it.label for it in items.items], dtype=np.int64)
+        g.create_dataset("labels", data=labels, chunks=(rows,), maxshape=(None,), fletcher32=True)
+        ids = fixed_strings([it.id for it in items.items])
+        g.create_dataset("ids", data=ids, chunks=(rows,), maxshape=(None,), fletcher32=True)
+        ds = ImageDataset(items.items, items.source, bb.preprocess, split=split, aug=aug if views else None,
+                          aug_views=views, aug_seed=augment_seed)  # fmt: skip
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+        for batch in tqdm(loader, desc=f"tokens {split}", unit="batch", disable=not progress):
+            if batch["bad"]:
+                raise DataError(f"unreadable image {batch['bad'][0][1]}")
+            lo, hi = batch["pos"][0], batch["pos"][-1] + 1
+            toks[lo:hi] = vision_tokens(bb.model, batch["x"].to(bb.device), layer).cpu().numpy()
+            if vt is not None:
+                v = batch["views"]
+                out = vision_tokens(bb.model, v.flatten(0, 1).to(bb.device), layer)
+                vt[lo:hi] = out.view(v.shape[0], views, T, W).cpu().numpy()
+    f.attrs["complete"] = True
 
 
 class TokenCache:
@@ -154,8 +174,8 @@ class TokenCache:
         g = self.h5["splits"][split]
         idx = np.asarray(rows, dtype=np.int64)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        toks = torch.from_numpy(g["tokens"][uniq][inverse])
-        views = torch.from_numpy(g["aug"][uniq][inverse]) if aug and "aug" in g else None
+        toks = torch.from_numpy(read_checked(self.path, g["tokens"], uniq)[inverse])
+        views = torch.from_numpy(read_checked(self.path, g["aug"], uniq)[inverse]) if aug and "aug" in g else None
         return toks, views
 
     def close(self) -> None:

@@ -31,8 +31,9 @@ from ..adapters.base import build_config
 from ..backbones import load_backbone
 from ..data import ImageDataset, Item, collate, default_data_root
 from ..errors import DataError
+from ..fsio import atomic_write, safe_torch_load, write_json
 from ..manifests import load_manifest
-from ..results import Record, append_record
+from ..results import Record, append_record, new_run_id
 from ..retrieval import RetrievalSet, _Scorer, evaluate_retrieval, group_frames, make_set
 from ..text import encode_text_truncated
 from .cross_modal_adapter import CrossModalAdapter, CrossModalAdapterConfig, info_nce, lr_at
@@ -201,14 +202,16 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
     ident = hashlib.sha256(ident.encode()).hexdigest()
     ckpt_dir = Path(save).expanduser() if save else None
     ckpt = ckpt_dir / "checkpoint.pt" if ckpt_dir else None
-    start, step, history = 0, 0, []
+    start, step, history, prior_seconds, run_id = 0, 0, [], 0.0, new_run_id()
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=bb.device, weights_only=True)
+        state = safe_torch_load(ckpt, map_location=bb.device)
         if state["ident"] == ident:
             adapter.load_state_dict(state["adapter"])
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
             start, step, history = state["epoch"], state["step"], json.loads(state["history"])
+            # a resumed run is the same run: its id, and the fit time of the segments before this one
+            prior_seconds, run_id = state.get("fit_seconds", 0.0), state.get("run_id", run_id)
     amp = bb.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     t0 = time.perf_counter()
@@ -247,12 +250,11 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
         if ckpt is not None and rank == 0:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"ident": ident, "adapter": adapter.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                     "epoch": epoch + 1, "step": step, "history": json.dumps(history)}  # fmt: skip
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+                     "epoch": epoch + 1, "step": step, "history": json.dumps(history), "run_id": run_id,
+                     "fit_seconds": prior_seconds + time.perf_counter() - t0}  # fmt: skip
+            atomic_write(ckpt, lambda f, state=state: torch.save(state, f))
     bar.close()
-    fit_seconds = time.perf_counter() - t0
+    fit_seconds = prior_seconds + time.perf_counter() - t0
 
     rset = encode_retrieval_split(bb, test, cfg.max_frames, workers, video)
     metrics = {k: None if v is None else round(v, 4) for k, v in
@@ -264,17 +266,17 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
         store=streamed_source(bb, manifest, scheme.name),
         sampled={"split": "train", "n_pairs": len(captions), "n_items": len(train.items),
                  "test_items": rset.num_items, "test_captions": len(rset.caption_item)},
-        fit={"epochs": len(history), "steps": step, "history": history},
+        fit={"epochs": len(history), "steps": step, "history": history}, run_id=run_id,
     )  # fmt: skip
-    if results and rank == 0:
-        append_record(results, record)
-    if ckpt_dir is not None and rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in adapter.state_dict().items()}, ckpt_dir / "state.pt")
+    if ckpt_dir is not None and rank == 0:  # the saved run first, then the record that points to it
+        final = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+        atomic_write(ckpt_dir / "state.pt", lambda f: torch.save(final, f))
         meta = {"streaming": True, "task": "retrieval", "method": method, "config": record.config,
                 "metrics": metrics, "run_id": record.run_id, "backbone": bb.id, "store": record.store,
                 "dataset": manifest.id, "protocol": "retrieval", "shots": 0, "seed": seed}  # fmt: skip
-        (ckpt_dir / "run.json").write_text(json.dumps(meta, indent=2))
+        write_json(ckpt_dir / "run.json", meta, indent=2)
+    if results and rank == 0:
+        append_record(results, record)
     if world > 1:
         import torch.distributed as dist
 
@@ -335,7 +337,7 @@ def evaluate_retrieval_run(
     if bb.weights_sha256 != meta["store"]["weights_sha256"]:
         raise MethodError(f"the weights of {bb.id} differ from those the run was trained with")
     adapter = CrossModalAdapter.for_model(bb.model, cfg).to(bb.device)
-    adapter.load_state_dict(torch.load(folder / "state.pt", map_location=bb.device, weights_only=True))
+    adapter.load_state_dict(safe_torch_load(folder / "state.pt", map_location=bb.device))
     adapter.attach(bb.model)
     try:
         rset = encode_retrieval_split(bb, test, cfg.max_frames, workers, scheme.source["kind"] == "video_frames")

@@ -29,9 +29,10 @@ from ..backbones import load_backbone
 from ..data import ImageDataset, augment_transform, collate, default_data_root, resolve_split
 from ..errors import DataError
 from ..evaluate import accuracy, harmonic_mean
+from ..fsio import atomic_write, read_json, safe_torch_load, write_json
 from ..manifests import load_manifest
 from ..protocols import base_novel_split, fewshot_draw, rows_sha256, select_classes
-from ..results import Record, append_record
+from ..results import Record, append_record, new_run_id
 from ..text import encode_text_truncated
 from .inject import text_tower, vision_tower
 from .layer_mma import LayerMMA, LayerMMAConfig
@@ -79,7 +80,7 @@ def saved_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
     folder = Path(run).expanduser()
     if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
         raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
-    return folder, json.loads((folder / "run.json").read_text())
+    return folder, read_json(folder / "run.json", "saved run's run.json", "delete the run folder and refit with --save")
 
 
 def _lr_at(cfg: Any, epoch: int) -> float:
@@ -165,14 +166,16 @@ def fit_streaming(
     ident = json.dumps([method, dataclasses.asdict(cfg), dataset, backbone, protocol, shots, seed], sort_keys=True)
     ckpt_dir = Path(save).expanduser() if save else None
     ckpt = ckpt_dir / "checkpoint.pt" if ckpt_dir else None
-    start, step, history = 0, 0, []
+    start, step, history, prior_seconds, run_id = 0, 0, [], 0.0, new_run_id()
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=bb.device, weights_only=True)
+        state = safe_torch_load(ckpt, map_location=bb.device)
         if state["ident"] == hashlib.sha256(ident.encode()).hexdigest():
             adapter.load_state_dict(state["adapter"])
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
             start, step, history = state["epoch"], state["step"], json.loads(state["history"])
+            # a resumed run is the same run: its id, and the fit time of the segments before this one
+            prior_seconds, run_id = state.get("fit_seconds", 0.0), state.get("run_id", run_id)
     t0 = time.perf_counter()
     bar = tqdm(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, unit="step", desc=method,
                disable=not progress)  # fmt: skip
@@ -216,12 +219,11 @@ def fit_streaming(
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"ident": hashlib.sha256(ident.encode()).hexdigest(), "adapter": adapter.state_dict(),
                      "opt": opt.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1, "step": step,
-                     "history": json.dumps(history)}  # fmt: skip
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+                     "history": json.dumps(history), "run_id": run_id,
+                     "fit_seconds": prior_seconds + time.perf_counter() - t0}  # fmt: skip
+            atomic_write(ckpt, lambda f, state=state: torch.save(state, f))
     bar.close()
-    fit_seconds = time.perf_counter() - t0
+    fit_seconds = prior_seconds + time.perf_counter() - t0
 
     zs = create_adapter("zero-shot", dim=bb.embed_dim)  # the one scorer, on features from the adapted encoder
     zs.config.logit_scale = float(scale)
@@ -238,16 +240,17 @@ def fit_streaming(
         config=dataclasses.asdict(cfg),
         store=streamed_source(bb, manifest, scheme.name),
         sampled={"n_train": len(train_rows), "train_rows_sha256": rows_sha256(train_rows)},
-        fit={"epochs": len(history), "history": history},
+        fit={"epochs": len(history), "history": history}, run_id=run_id,
     )  # fmt: skip
-    if results and rank == 0:
-        append_record(results, record)
-    if ckpt_dir is not None and rank == 0:
-        torch.save({k: v.detach().cpu() for k, v in adapter.state_dict().items()}, ckpt_dir / "state.pt")
+    if ckpt_dir is not None and rank == 0:  # the saved run first, then the record that points to it
+        final = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+        atomic_write(ckpt_dir / "state.pt", lambda f: torch.save(final, f))
         meta = {"streaming": True, "method": method, "config": record.config, "metrics": metrics,
                 "run_id": record.run_id, "backbone": bb.id, "store": record.store, "dataset": manifest.id,
                 "protocol": protocol, "shots": shots, "seed": seed}  # fmt: skip
-        (ckpt_dir / "run.json").write_text(json.dumps(meta, indent=2))
+        write_json(ckpt_dir / "run.json", meta, indent=2)
+    if results and rank == 0:
+        append_record(results, record)
     adapter.detach(bb.model)
     if world > 1:
         import torch.distributed as dist
@@ -363,7 +366,7 @@ def evaluate_streaming_run(
     if bb.weights_sha256 != meta["store"]["weights_sha256"]:
         raise MethodError(f"the weights of {bb.id} differ from those the run was trained with")
     adapter = _build(method, cfg, bb).to(bb.device)
-    adapter.load_state_dict(torch.load(folder / "state.pt", map_location=bb.device, weights_only=True))
+    adapter.load_state_dict(safe_torch_load(folder / "state.pt", map_location=bb.device))
     adapter.attach(bb.model)
     manifest = load_manifest(dataset)
     scheme = manifest.scheme(split_scheme)
