@@ -7,7 +7,9 @@ One run, one machine, one model, one batch size. It measures:
   3. their ratio, pipeline / forward. Goal >= 0.9: the model's forward pass, not decoding, preprocessing or
      writing, should be the limit, or extraction wastes the hardware it runs on;
   4. store read speed: Store.open(path).split("train") on a synthetic 50,000 x 512 float16 split, and on the
-     extracted store. Goal well under a second: adapting and evaluating on the cache should feel instant.
+     extracted store. Goal well under a second: adapting and evaluating on the cache should feel instant;
+  5. the read cost of the store's fletcher32 checksums: Store.split on two 50,000 x 512 stores written directly
+     with h5py, identical but for the filter, in float16 and float32 (`--checksum-only` runs just this).
 
 The backbone is loaded once, outside every timing, and passed to extract(). Weights are random (nothing can be
 downloaded here); speed does not depend on their values. The JPEGs and stores were just written, so they are
@@ -18,6 +20,7 @@ shared machines are noisy, and the fastest run is the best estimate of what the 
 
   python benchmarks/extract_speed.py
   python benchmarks/extract_speed.py --backbone featcache-tiny/random --images 2000 --batch-size 256
+  python benchmarks/extract_speed.py --checksum-only
 """
 
 import argparse
@@ -28,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,7 +41,7 @@ from featcache.backbones import load_backbone
 from featcache.data import load_image
 from featcache.extract import extract
 from featcache.manifests import parse_manifest
-from featcache.store import Store, StoreWriter
+from featcache.store import FINGERPRINT_FIELDS, FORMAT, Store, StoreWriter, chunk_rows
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--backbone", default="ViT-B-32/random")
@@ -48,6 +52,8 @@ parser.add_argument("--device", default="auto")
 parser.add_argument("--precision", default="auto")
 parser.add_argument("--classes", type=int, default=4)
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of 1 and 2; the best is reported")
+parser.add_argument("--checksum-only", action="store_true", help="only 5: the checksum's read cost (seconds)")
+parser.add_argument("--rows", type=int, default=50_000, help="rows of the stores read in 4 and 5")
 args = parser.parse_args()
 
 
@@ -82,6 +88,61 @@ def write_store(path: Path, rows: int = 50_000, dim: int = 512, classes: int = 1
     w.write_batch("train", rows, feats, labels, [f"img{i:06d}" for i in range(rows)])
     w.finish_split("train")
     return w.finalize()
+
+
+def write_raw_store(path: Path, rows: int, dim: int, dtype: str, checksum: bool) -> Path:
+    """A complete store written directly with h5py, chunked as StoreWriter chunks: two such files differ only in
+    the fletcher32 filter, so their read times differ only by what the checksum costs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({k: "synthetic" for k in FINGERPRINT_FIELDS} | {"dtype": dtype, "extra": "{}"})
+        f.attrs.update({"format": str(FORMAT), "complete": True})
+        g = f.create_group("splits/train")
+        chunk = min(rows, chunk_rows(dim * np.dtype(dtype).itemsize))
+        g.create_dataset("features", data=x.astype(dtype), chunks=(chunk, dim), maxshape=(None, dim),
+                         fletcher32=checksum)  # fmt: skip
+        g.create_dataset("labels", data=np.arange(rows, dtype=np.int64) % 100, chunks=(min(rows, chunk_rows(8)),),
+                         maxshape=(None,), fletcher32=checksum)  # fmt: skip
+    return path
+
+
+def checksum_read_cost(tmp: Path, rows: int, dim: int = 512, repeats: int = 9) -> None:
+    """5. Store.split on the same split with and without fletcher32, side by side: reads of the two files
+    alternate (both see the same machine state) after a warm-up read (both come from the page cache: this is the
+    checksum's CPU cost, not the disk's); best of `repeats` each."""
+    load0 = os.getloadavg()
+    print(f"checksum read cost: Store.split('train') on {rows:,} x {dim}, page cache, alternating, best of {repeats}")
+    for dtype in ("float16", "float32"):
+        paths = {c: write_raw_store(tmp / f"raw-{dtype}-{c}.h5", rows, dim, dtype, c) for c in (False, True)}
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(repeats + 1):
+            for checksum, path in paths.items():
+                t0 = time.perf_counter()
+                with Store.open(path) as st:
+                    st.split("train")
+                if r:  # the first round only warms the page cache
+                    times[checksum].append(time.perf_counter() - t0)
+        for path in paths.values():
+            path.unlink()
+        plain, summed = min(times[False]), min(times[True])
+        mb = rows * dim * np.dtype(dtype).itemsize / 2**20
+        print(f"  {dtype}  ({mb:5.1f} MiB)  plain {plain:.4f} s   fletcher32 {summed:.4f} s   "
+              f"{summed - plain:+.4f} s ({100 * (summed / plain - 1):+.0f} %)")  # fmt: skip
+    load1 = os.getloadavg()
+    print(f"  load avg (1, 5, 15 min) before {' '.join(f'{v:.2f}' for v in load0)}, after "
+          f"{' '.join(f'{v:.2f}' for v in load1)} on {os.cpu_count()} cpus")  # fmt: skip
+
+
+if args.checksum_only:
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
+    try:
+        print(f"torch {torch.__version__} | h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})")
+        checksum_read_cost(tmp, args.rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise SystemExit(0)
 
 
 def fmt(rate: float) -> str:
@@ -155,7 +216,7 @@ try:
     print(f"{'ratio     pipeline/forward':34s} {ratio:10.2f}           (goal >= 0.90: {verdict})")
 
     # -- 4. store reads: Store.open(path).split("train") --------------------------------------------------------------
-    synth = write_store(tmp / "synthetic.h5")
+    synth = write_store(tmp / "synthetic.h5", rows=args.rows)
     for name, path in (("synthetic", synth), ("extracted", store)):
         ts = []
         for _ in range(args.repeats):
@@ -166,5 +227,8 @@ try:
         report(f"read      {name} {n}x{d}", n, ts, "rows/s  ", "; goal < 1 s")
     load1 = os.getloadavg()[0]
     print(f"load avg (1 min) {load0:.2f} before, {load1:.2f} after (other processes on the cpus skew every figure)")
+
+    # -- 5. what the checksums cost on read -----------------------------------------------------------------------
+    checksum_read_cost(tmp, args.rows)
 finally:
     shutil.rmtree(tmp, ignore_errors=True)

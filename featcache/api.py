@@ -13,7 +13,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import Adapter, MethodError, adapter_config, create_adapter, list_adapters
-from .adapters.base import _entry
+from .adapters.base import _entry, run_selection
 from .evaluate import accuracy, harmonic_mean
 from .extract import store_path
 from .fsio import atomic_write, read_json, safe_torch_load, write_json
@@ -72,11 +72,13 @@ def check_method(method: str) -> None:
     raise MethodError(f"unknown method '{method}'; available: {names}")
 
 
-def resolve_config(method: str, dataset: str, options: dict[str, Any] | None = None) -> Any:
-    """Method defaults, then the method's per-dataset defaults (Tip-Adapter's alpha/scales), then the user's."""
+def resolve_config(method: str, dataset: str, options: dict[str, Any] | None = None, shots: int | None = None) -> Any:
+    """Method defaults, then the method's per-dataset defaults (Tip-Adapter's alpha/scales), its per-shots
+    defaults (TaskRes's epochs), then the user's."""
     cls = _entry(method).config_cls
     per_dataset = cls.dataset_defaults(dataset) if hasattr(cls, "dataset_defaults") else {}
-    return adapter_config(method, **{**per_dataset, **(options or {})})
+    per_shots = cls.shots_defaults(shots) if shots is not None and hasattr(cls, "shots_defaults") else {}
+    return adapter_config(method, **{**per_dataset, **per_shots, **(options or {})})
 
 
 @dataclass
@@ -107,12 +109,13 @@ def fit_method(
     save: str | Path | None = None,
 ) -> Run:
     """Fit one method under one protocol on one store, evaluate it, and return (and optionally append and
-    save) its record. Model selection only ever sees the few-shot val rows."""
+    save) its record. Model selection only ever sees the val rows drawn (the method's `val_draw`, default Dassl's
+    min(K, 4) per class), never the test split; the record's `selection` says what it looked at."""
     check_method(method)
     store = open_store(dataset, backbone, name, cache_dir, split_scheme)
     with store:
         ds = store.fingerprint["dataset"]
-        cfg = resolve_config(method, ds, options)
+        cfg = resolve_config(method, ds, options, shots)
         if (protocol == "retrieval") != (store.task == "retrieval"):
             hint = "use --protocol retrieval" if store.task == "retrieval" else "retrieval needs a retrieval dataset"
             raise MethodError(f"{store.path.name} is a {store.task} store; {hint}")
@@ -120,7 +123,8 @@ def fit_method(
             return _retrieval_run(method, cfg, store, seed, device, results)
         adapter = create_adapter(method, cfg, dim=store.dim, seed=seed)
         _bind_backbone(adapter, store.fingerprint, device)
-        task = build_task(store, protocol, shots, seed, template, val_from, allow_short_classes, device)
+        val_draw = getattr(cfg, "val_draw", "dassl")  # the method's own val policy, where it declares one
+        task = build_task(store, protocol, shots, seed, template, val_from, allow_short_classes, device, val_draw)
         result = fit(adapter, task.fit, seed)
         metrics = _evaluate_task(adapter, task)
         record = Record(
@@ -130,8 +134,8 @@ def fit_method(
             store=store.fingerprint | {"path": str(store.path)},
             sampled={"n_train": len(task.train_rows), "train_rows_sha256": rows_sha256(task.train_rows),
                      "n_val": None if task.val_rows is None else len(task.val_rows),
-                     "val_rows_sha256": rows_sha256(task.val_rows), "val_from": val_from},
-            template=template,
+                     "val_rows_sha256": rows_sha256(task.val_rows), "val_from": val_from, "val_draw": val_draw},
+            selection=run_selection(adapter, task.fit, val_from, val_draw), template=template,
             fit={"epochs": result.epochs, "best_epoch": result.best_epoch, "best_val_acc": result.best_val_acc},
         )  # fmt: skip
         if save:  # first what the record points to, then the record: a failed save appends nothing
@@ -158,7 +162,7 @@ def _retrieval_run(method: str, cfg: Any, store: Store, seed: int, device: str, 
         protocol="retrieval", shots=0, seed=seed, metrics=metrics, fit_seconds=0.0, trainable_params=0,
         config=dataclasses.asdict(cfg) | {"dim": store.dim}, store=store.fingerprint | {"path": str(store.path)},
         sampled={"split": "test", "n_items": rset.num_items, "n_captions": len(rset.caption_item)},
-        fit={"eval_seconds": round(time.perf_counter() - t0, 4)},
+        selection="validation-free", fit={"eval_seconds": round(time.perf_counter() - t0, 4)},
     )  # fmt: skip
     if results:
         append_record(results, record)
@@ -211,6 +215,7 @@ def save_run(folder: str | Path, adapter: Adapter, record: Record, task: Task) -
         "train_classnames": task.fit.classnames, "dataset": record.dataset, "backbone": record.backbone,
         "store": record.store, "template": record.template, "protocol": record.protocol, "shots": record.shots,
         "seed": record.seed, "run_id": record.run_id, "metrics": record.metrics, "featcache_version": __version__,
+        "selection": record.selection,
     }  # fmt: skip
     rows = {"train_rows": task.train_rows, "val_rows": task.val_rows}
     atomic_write(folder / "state.pt", lambda f: torch.save(state, f))
@@ -287,7 +292,7 @@ def evaluate_run(
             metrics={"acc": _r(acc)}, fit_seconds=0.0, trainable_params=adapter.trainable_params(),
             config=meta["config"], store=store.fingerprint | {"path": str(store.path)},
             sampled={"from_run": meta["run_id"]}, template=template if template is not None else meta["template"],
-            eval_dataset=target,
+            eval_dataset=target, selection=meta.get("selection"),
         )  # fmt: skip
         if results:
             append_record(results, record)

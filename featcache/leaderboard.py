@@ -2,7 +2,9 @@
 
 Base-to-novel averages follow the papers: average Base and Novel over datasets (each first averaged over
 seeds), then HM of those averages. Records of different backbones or protocols are never averaged together:
-the backbone is part of every row's key and one table holds one protocol.
+the backbone is part of every row's key and one table holds one protocol. Runs whose model selection differed
+(the record's `selection`: validation-free, few-shot-val, val, train-holdout) are separate rows with a
+`selection` column, and the printed table ends with a line naming the rows when they differ.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def runs_table(records: list[dict[str, Any]], protocol: str) -> pd.DataFrame:
             "backbone": r["backbone"], "method": r.get("variant") or r["method"], "base_method": r["method"],
             "dataset": r.get("eval_dataset") or r["dataset"], "trained_on": r["dataset"], "shots": r["shots"],
             "seed": r["seed"], "fit_s": r.get("fit_seconds"), "params": r.get("trainable_params"),
-            "run_id": r.get("run_id"),
+            "selection": r.get("selection") or "unrecorded", "run_id": r.get("run_id"),
         }  # fmt: skip
         if protocol == "base2novel":
             row |= {"base": m.get("base_acc"), "novel": m.get("novel_acc"), "hm": m.get("hm")}
@@ -107,12 +109,13 @@ def runs_table(records: list[dict[str, Any]], protocol: str) -> pd.DataFrame:
             row |= {"acc": m.get("acc")}
         rows.append(row)
     cols = ["backbone", "method", "base_method", "dataset", "trained_on", "shots", "seed", *METRICS[protocol],
-            "fit_s", "params", "run_id"]  # fmt: skip
+            "fit_s", "params", "selection", "run_id"]  # fmt: skip
     df = pd.DataFrame(rows, columns=cols)
     for c in METRICS[protocol]:
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    # a rerun of the same (row, dataset, seed) replaces the earlier record: keep the last one
-    key = ["backbone", "method", "dataset", "trained_on", "shots", "seed"]
+    # a rerun of the same (row, dataset, seed) replaces the earlier record: keep the last one (a run that selected
+    # differently is another row)
+    key = ["backbone", "method", "dataset", "trained_on", "shots", "seed", "selection"]
     return df.drop_duplicates(key, keep="last").reset_index(drop=True)
 
 
@@ -136,8 +139,8 @@ def leaderboard(
     sources = set(long["trained_on"]) if protocol in ("xd", "dg") else set()
     avg_sets = [d for d in datasets if d not in sources]  # xd/dg: the average is over targets only
     out = []
-    for key, g in long.groupby(row_key, sort=True):
-        row: dict[str, Any] = dict(zip(row_key, key if isinstance(key, tuple) else (key,), strict=True))
+    for key, g in long.groupby([*row_key, "selection"], sort=True):  # runs that selected differently: own rows
+        row: dict[str, Any] = dict(zip([*row_key, "selection"], key, strict=True))
         per_ds = {}
         for d in datasets:
             gd = g[g["dataset"] == d]
@@ -165,7 +168,7 @@ def leaderboard(
         row["source"] = "featcache"
         out.append(row)
     cols = row_key + [f"{d}/{m}{s}" for d in [*datasets, "average"] for m in metrics for s in ("", "_std")]
-    cols += ["datasets", "seeds", "fit_s", "params", "source"]
+    cols += ["datasets", "seeds", "fit_s", "params", "selection", "source"]
     wide = pd.DataFrame(out, columns=cols)
     if reference == "published":
         if protocol not in ("base2novel", "fewshot"):
@@ -257,6 +260,8 @@ def format_cells(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> p
                                                                strict=True)]  # fmt: skip
     table["seeds"] = wide["seeds"]
     table["fit s"] = [f"{x:.2f}" if x == x else "" for x in wide["fit_s"]]
+    if "selection" in wide:
+        table["selection"] = [s if isinstance(s, str) else "" for s in wide["selection"]]
     table["source"] = wide["source"]
     table.attrs["more"] = max(0, len(datasets) - max_datasets)
     return table
@@ -266,7 +271,25 @@ def format_table(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> s
     """A readable terminal table (format_cells as text)."""
     table = format_cells(wide, protocol, max_datasets)
     more = table.attrs["more"]
-    return table.to_string(index=False) + (f"\n({more} more datasets in the CSV)" if more else "")
+    note = selection_note(wide)
+    return (table.to_string(index=False) + (f"\n({more} more datasets in the CSV)" if more else "")
+            + (f"\n{note}" if note else ""))  # fmt: skip
+
+
+def selection_note(wide: pd.DataFrame) -> str | None:
+    """A footnote when the table's featcache rows did not all select the same way (their numbers are then not
+    like for like): which rows selected how. None when they all agree."""
+    if "selection" not in wide:
+        return None
+    rows = wide[wide["source"] == "featcache"]
+    by: dict[str, list[str]] = {}
+    for method, sel in zip(rows["method"], rows["selection"], strict=True):
+        by.setdefault(sel, [])
+        if method not in by[sel]:
+            by[sel].append(method)
+    if len(by) < 2:
+        return None
+    return "rows differ in selection: " + "; ".join(f"{s} ({', '.join(m)})" for s, m in sorted(by.items()))
 
 
 def write_leaderboard(

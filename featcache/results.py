@@ -60,6 +60,7 @@ class Record:
     variant: str | None = None  # a sweep's named override (its own leaderboard row)
     sweep_key: str | None = None  # identifies the run inside a sweep (resume skips keys already recorded)
     error: str | None = None  # a failed run: the one-line error, and no metrics
+    selection: str | None = None  # what model selection looked at (featcache.adapters.base.SELECTIONS)
     fit: dict[str, Any] = field(default_factory=dict)  # epochs run, best epoch, best val acc
     versions: dict[str, str] = field(default_factory=versions)
     run_id: str = field(default_factory=new_run_id)

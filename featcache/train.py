@@ -1,5 +1,9 @@
 """One training loop for every trainable cached method: whole split on one device, mini-batches by index,
-the method's optimiser and schedule, early stopping on val accuracy, best-on-val restore, seeded."""
+the method's optimiser and schedule, early stopping on val accuracy, best-on-val restore, seeded.
+
+Optional config fields a method may declare: `drop_last` (skip a last partial batch, as Dassl's loader does),
+`views` ("clean": train on the clean features even when the store has augmented views), and `warmup_epochs` /
+`warmup_lr` for the `dassl-cosine` schedule."""
 
 from __future__ import annotations
 
@@ -38,12 +42,22 @@ def _optimizer(cfg, params) -> torch.optim.Optimizer:
     raise MethodError(f"unknown optimizer '{cfg.optimizer}'; use adam, adamw or sgd")
 
 
-def _schedule(cfg, opt, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _schedule(cfg, opt, total_steps: int, steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    raise MethodError(f"unknown schedule '{cfg.schedule}'; use constant or cosine")
+    if cfg.schedule == "dassl-cosine":
+        # Dassl's cosine: CosineAnnealingLR(T_max=epochs) stepped once per epoch, behind `warmup_epochs` epochs at
+        # the constant `warmup_lr` (WARMUP_TYPE constant, WARMUP_RECOUNT: the cosine starts from the top after it)
+        warm, warm_lr = getattr(cfg, "warmup_epochs", 0), getattr(cfg, "warmup_lr", 0.0)
+
+        def factor(step: int) -> float:
+            e = step // steps_per_epoch
+            return warm_lr / cfg.lr if e < warm else 0.5 * (1 + math.cos(math.pi * (e - warm) / cfg.epochs))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    raise MethodError(f"unknown schedule '{cfg.schedule}'; use constant, cosine or dassl-cosine")
 
 
 def fit(method: Adapter, data: FitData, seed: int = 1) -> FitResult:
@@ -73,9 +87,10 @@ def _train(method: Adapter, data: FitData, seed: int, cfg, params, result: FitRe
         raise MethodError(f"unknown select '{cfg.select}'; use best-val or last")
     n = len(data.train_y)
     bs = min(cfg.batch_size, n)
-    steps = math.ceil(n / bs)
+    end = n - n % bs if getattr(cfg, "drop_last", False) else n  # Dassl drops a last partial batch
+    steps = math.ceil(end / bs)
     opt = _optimizer(cfg, params)
-    sched = _schedule(cfg, opt, cfg.epochs * steps)
+    sched = _schedule(cfg, opt, cfg.epochs * steps, steps)
     gen = torch.Generator().manual_seed(seed)
     use_val = data.val_x is not None and len(data.val_y) > 0 and (cfg.patience > 0 or cfg.select == "best-val")
     best_acc, best_state, since = -1.0, None, 0
@@ -83,12 +98,12 @@ def _train(method: Adapter, data: FitData, seed: int, cfg, params, result: FitRe
     for epoch in range(cfg.epochs):
         method.train()
         x = data.train_x
-        if data.train_aug is not None:  # one augmented view per image per epoch
+        if data.train_aug is not None and getattr(cfg, "views", "auto") != "clean":  # one view per image per epoch
             pick = torch.randint(data.train_aug.shape[1], (n,), generator=gen).to(x.device)
             x = data.train_aug[rows, pick]
         perm = torch.randperm(n, generator=gen).to(x.device)
         total = 0.0
-        for i in range(0, n, bs):
+        for i in range(0, end, bs):
             idx = perm[i : i + bs]
             loss = F.cross_entropy(method.score(x[idx], data.text, None, data.classnames), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
@@ -96,7 +111,7 @@ def _train(method: Adapter, data: FitData, seed: int, cfg, params, result: FitRe
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        entry = {"epoch": epoch + 1, "loss": total / n}
+        entry = {"epoch": epoch + 1, "loss": total / end}
         result.epochs = epoch + 1
         if use_val:
             acc = accuracy(method, data.val_x, data.val_y, data.text, None, data.classnames)

@@ -80,7 +80,7 @@ def test_columns_are_deterministic():
     b, _ = leaderboard(recs, "base2novel")
     pd.testing.assert_frame_equal(a, b)
     assert list(a.columns[:5]) == ["backbone", "method", "dtd/base", "dtd/base_std", "dtd/novel"]
-    assert list(a.columns[-11:]) == [
+    assert list(a.columns[-12:]) == [
         "average/base",
         "average/base_std",
         "average/novel",
@@ -91,6 +91,7 @@ def test_columns_are_deterministic():
         "seeds",
         "fit_s",
         "params",
+        "selection",
         "source",
     ]
     # the papers' dataset order, not alphabetical: caltech101 before dtd before eurosat

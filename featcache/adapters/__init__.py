@@ -18,13 +18,16 @@ __all__ = [
 ]  # fmt: skip
 
 # each method registers itself on import
-from . import (  # noqa: E402, F401
+from . import (  # noqa: E402, F401  # noqa: E402, F401
     ape,  # noqa: E402, F401
+    clap,
     clip_adapter,
     coop,
     gda,  # noqa: E402, F401
     linear_probe,
+    lpp,
     mm_attn,
+    taskres,  # noqa: E402, F401
     tip_adapter,
     tip_x,  # noqa: E402, F401
     zero_shot,

@@ -22,6 +22,16 @@ class MethodError(FeatcacheError):
     """Unknown method or option, or a method that cannot run on the data it was given."""
 
 
+# What model selection looked at. A method declares one of the first three (`Adapter.selection`: the rows its
+# reference selects on); a record says what a run actually did, which can also be "train-holdout".
+SELECTIONS = {
+    "validation-free": "no selection: fixed hyperparameters, the last epoch",
+    "few-shot-val": "selects on per-class few-shot val rows (val_draw dassl: min(K, 4) per class; k-shot: K)",
+    "val": "selects on the whole validation split (val_draw full)",
+    "train-holdout": "selects on train rows left out of the few-shot draw (--val-from train)",
+}
+
+
 @dataclass
 class FitData:
     """What a method may look at while fitting: the few-shot train rows, the few-shot val rows (None if the
@@ -66,11 +76,24 @@ class Adapter(nn.Module, abc.ABC):
     needs_val: bool = False  # searches hyperparameters or early-stops on the few-shot val split
     trainable: bool = True  # trained by the shared loop after `setup`
     class_agnostic: bool = True  # can score classes it was not trained on (novel classes, other datasets)
+    selection: str = ""  # the reference's selection: validation-free, few-shot-val or val (SELECTIONS)
 
     def __init__(self, config: Any, dim: int = 512):
         super().__init__()
         self.config = config
         self.dim = dim
+
+    def uses_val(self) -> bool:
+        """Whether this method, as configured, selects anything on the val rows it is given: the shared loop's
+        early stopping or best-val epoch, or a hyperparameter search (the config's `search` switch; closed-form
+        methods without one search when they need val). `selection` says which rows the reference selects on;
+        this says whether selection happens at all (CoOp with select=best-val does; Tip-Adapter with
+        search=false does not)."""
+        cfg = self.config
+        loop = self.trainable and getattr(cfg, "epochs", 0) > 0
+        loop = loop and (getattr(cfg, "patience", 0) > 0 or getattr(cfg, "select", "last") == "best-val")
+        search = bool(getattr(cfg, "search", not self.trainable and self.needs_val))
+        return loop or (search and self.selection != "validation-free")
 
     def setup(self, data: FitData) -> None:
         """Closed-form part of fitting (caches, solvers). Runs before the training loop."""
@@ -99,6 +122,16 @@ class Adapter(nn.Module, abc.ABC):
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def run_selection(adapter: Adapter, data: FitData, val_from: str = "val", val_draw: str = "dassl") -> str:
+    """What a fitted run's model selection looked at (a SELECTIONS key), from what happened rather than from
+    what the method would like: no val rows, or a method configured not to select, is validation-free."""
+    if not adapter.uses_val() or data.val_y is None or len(data.val_y) == 0:
+        return "validation-free"
+    if val_from == "train":
+        return "train-holdout"
+    return "val" if val_draw == "full" else "few-shot-val"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class ClipAdapterConfig(TrainConfig):
 
 @register("clip-adapter", ClipAdapterConfig)
 class ClipAdapter(Adapter):
+    selection = "few-shot-val"  # early stopping on val
     needs_val = True
 
     def __init__(self, config: ClipAdapterConfig, dim: int = 512):

@@ -258,6 +258,7 @@ class _BottleneckMix(torch.autograd.Function):
 
 @register("mm-attn", MMAttnConfig)
 class MMAttn(Adapter):
+    selection = "few-shot-val"  # early stopping and the best-val epoch
     """Texts and image attend to each other per image; both sides get a residual adapter update."""
 
     needs_val = True

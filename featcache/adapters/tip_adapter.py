@@ -115,6 +115,7 @@ class _CacheExp(torch.autograd.Function):
 
 @register("tip-adapter", TipAdapterConfig)
 class TipAdapter(Adapter):
+    selection = "few-shot-val"  # alpha/beta search on val (Tip-Adapter-F also keeps its best-val epoch)
     needs_val = True
     trainable = False
 

@@ -25,6 +25,7 @@ class ZeroShotConfig(TrainConfig):
 
 @register("zero-shot", ZeroShotConfig)
 class ZeroShot(Adapter):
+    selection = "validation-free"
     trainable = False
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:

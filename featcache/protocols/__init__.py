@@ -1,7 +1,8 @@
 """Evaluation protocols, exactly as CoOp/Dassl run them (../shared/methods.md §1).
 
 - few-shot draw: Dassl's `generate_fewshot_dataset` (train K per class, then val min(K, 4) per class with the
-  same random state);
+  same random state; a method whose reference selects on other val rows asks for K per class or the whole val
+  split through its `val_draw`);
 - base-to-novel: base = first ceil(n/2) sorted labels, novel = the rest, each relabelled and evaluated only
   among its own classes;
 - all-class few-shot; cross-dataset and domain generalization evaluate a trained method on other stores.
@@ -24,6 +25,7 @@ from ..adapters.base import FitData, MethodError
 from ..store import Store
 
 PROTOCOLS = ("base2novel", "fewshot")
+VAL_DRAWS = ("dassl", "k-shot", "full")
 
 
 def sample_per_class(labels: Sequence[int], k: int, rng: random.Random) -> list[int]:
@@ -48,10 +50,17 @@ def fewshot_draw(
     classnames: Sequence[str] | None = None,
     allow_short_classes: bool = False,
     val_from_train: bool = False,
+    val_draw: str = "dassl",
 ) -> tuple[list[int], list[int] | None]:
     """The (train rows, val rows) Dassl draws for (shots, seed). A class with fewer than `shots` training rows is
     an error unless `allow_short_classes` (then, as Dassl does, the whole class is taken). `val_labels=None` and
-    `val_from_train`: validation is drawn, with the same random state, from the train rows not chosen."""
+    `val_from_train`: validation is drawn, with the same random state, from the train rows not chosen.
+
+    val_draw: "dassl" (min(K, 4) per class, with the random state the train draw left), "k-shot" (K per class,
+    the same way: LP++ and ProLIP's K-shot val), "full" (every row: the whole val split, or every unused train
+    row); the train rows are the same whichever is asked."""
+    if val_draw not in VAL_DRAWS:
+        raise MethodError(f"unknown val_draw '{val_draw}'; use one of: {', '.join(VAL_DRAWS)}")
     if shots >= 1 and not allow_short_classes:
         counts: dict[int, int] = {}
         for y in train_labels:
@@ -67,13 +76,19 @@ def fewshot_draw(
     rng = random.Random(seed)  # the same sequence as Dassl's random.seed(seed), without touching global state
     train = sample_per_class(train_labels, shots, rng)
     if val_labels is not None:
-        return train, sample_per_class(val_labels, min(shots, 4), rng)
+        return train, _draw_val(val_labels, shots, rng, val_draw)
     if not val_from_train:
         return train, None
     chosen = set(train)
     rest = [i for i in range(len(train_labels)) if i not in chosen]
-    picked = sample_per_class([train_labels[i] for i in rest], min(shots, 4), rng)
+    picked = _draw_val([train_labels[i] for i in rest], shots, rng, val_draw)
     return train, [rest[i] for i in picked]
+
+
+def _draw_val(labels: Sequence[int], shots: int, rng: random.Random, val_draw: str) -> list[int]:
+    if val_draw == "full":
+        return list(range(len(labels)))
+    return sample_per_class(labels, shots if val_draw == "k-shot" else min(shots, 4), rng)
 
 
 def base_novel_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -137,12 +152,13 @@ def build_task(
     val_from: str = "val",
     allow_short_classes: bool = False,
     device: str | torch.device = "cpu",
+    val_draw: str = "dassl",
 ) -> Task:
     """Draw the few-shot sets and prepare the protocol's evaluation sets (loaded only when asked for).
 
     val_from: "val" draws validation from the store's val split (CoOp/Dassl); "train" draws it from the
     train rows not chosen for training (for stores with no val split, e.g. ImageNet's CoOp scheme); "none"
-    gives no validation set."""
+    gives no validation set. val_draw: how many val rows per class (fewshot_draw): dassl, k-shot or full."""
     if protocol not in PROTOCOLS:
         raise MethodError(f"unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
     if val_from not in ("val", "train", "none"):
@@ -151,7 +167,8 @@ def build_task(
     classnames = store.classnames
     has_val = val_from == "val" and "val" in store.splits  # no val split: methods that need one say so
     val_labels = store.labels("val").tolist() if has_val else None
-    rows, vrows = fewshot_draw(y_train, val_labels, shots, seed, classnames, allow_short_classes, val_from == "train")
+    rows, vrows = fewshot_draw(y_train, val_labels, shots, seed, classnames, allow_short_classes, val_from == "train",
+                               val_draw)  # fmt: skip
     val_x = val_y = None
     if vrows is not None:
         val = store.rows("val" if has_val else "train", vrows, device=device, aug=False)

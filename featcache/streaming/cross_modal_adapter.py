@@ -104,6 +104,8 @@ class CrossModalAdapter(Injected):
 
     Index i = 2 * block + sublayer (0 attention, 1 MLP), as in the reference's stacked tensors."""
 
+    selection = "validation-free"  # the last epoch (CLIP4Clip's code picks the best epoch on test; featcache never)
+
     def __init__(self, config: CrossModalAdapterConfig, text_width: int, vision_width: int, num_blocks: int):
         super().__init__()
         if config.activation not in _ACTIVATIONS:

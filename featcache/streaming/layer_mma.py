@@ -46,6 +46,8 @@ def _kaiming(layer: nn.Linear) -> nn.Linear:
 class LayerMMA(Injected):
     """The adapters only; `attach(model)` injects them into an open_clip CLIP model's blocks."""
 
+    selection = "validation-free"  # the reference trains 5 epochs and reports the last
+
     def __init__(
         self, config: LayerMMAConfig, text_width: int, vision_width: int, num_blocks: int, vision_blocks: int = 0
     ):

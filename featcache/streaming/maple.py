@@ -5,7 +5,8 @@ Text prompt "a photo of a {class}." with the embeddings of "a photo" (positions 
 context vectors (initialised from those embeddings). Vision prompts are made from the text context by
 Linear(512->768) and appended after the patch tokens before ln_pre (197 -> 199 tokens for ViT-B/16). Deep
 prompts, depth 9: at the input of blocks 2..9, fresh text prompts (N(0, 0.02), [2, 512]) replace text positions
-1..2, and their projections (8 independent Linear(512->768)) replace the last 2 vision tokens; blocks 10-12
+1..2, and their projections (8 Linear(512->768), which start as copies of one layer: the reference's
+`_get_clones(single_layer, depth - 1)`, trained independently) replace the last 2 vision tokens; blocks 10-12
 carry on what block 9 produced. 3,555,072 parameters on ViT-B-16 shapes.
 The text prompts sit at positions 1..2, before every prompt's EOT token, so the trainer's text encoding on prompts
 cut after their last EOT (featcache.text) is exact for MaPLe too.
@@ -13,6 +14,7 @@ cut after their last EOT (featcache.text) is exact for MaPLe too.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +40,8 @@ class MaPLeConfig:
 class MaPLe(Injected):
     """The prompts only; `attach(model, tokenizer)` injects them into an open_clip CLIP model."""
 
+    selection = "validation-free"  # the reference trains 5 epochs and reports the last
+
     def __init__(self, config: MaPLeConfig, text_width: int, vision_width: int, ctx_init: torch.Tensor | None = None):
         super().__init__()
         self.config = config
@@ -46,7 +50,8 @@ class MaPLe(Injected):
         self.ctx = nn.Parameter(ctx)
         self.proj = nn.Linear(text_width, vision_width)
         self.deep_text = nn.ParameterList(nn.Parameter(torch.randn(n, text_width) * 0.02) for _ in range(deep))
-        self.deep_proj = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(deep))
+        one = nn.Linear(text_width, vision_width)  # the reference's _get_clones: deep copies of one layer
+        self.deep_proj = nn.ModuleList(copy.deepcopy(one) for _ in range(deep))
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer, config: MaPLeConfig | None = None) -> MaPLe:

@@ -28,7 +28,15 @@ from ..data import ImageDataset, augment_transform, collate, default_data_root, 
 from ..errors import DataError, StoreError
 from ..extract import augmentation_tag, store_path
 from ..manifests import load_manifest
-from ..store import StoreLock, check_fingerprint, close_after_failure, fixed_strings, read_checked, write_error
+from ..store import (
+    StoreLock,
+    check_fingerprint,
+    close_after_failure,
+    fixed_strings,
+    os_errno,
+    read_checked,
+    write_error,
+)
 from ..text import TextInput, embed_text, run_text_blocks, text_head
 from .inject import vision_tower
 
@@ -117,11 +125,10 @@ def extract_tokens(
                           batch_size, workers, progress)  # fmt: skip
             f.close()
             os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # h5py's and the OS's: close without flushing again, one line
+        except BaseException as e:  # close without flushing again (see store.close_after_failure)
             close_after_failure(f)
-            raise write_error(e, path, resumable=False) from e
-        except BaseException:
-            close_after_failure(f)
+            if isinstance(e, (OSError, RuntimeError)) and os_errno(e) is not None:  # the OS said no: one line
+                raise write_error(e, path, resumable=False) from e
             raise
     return path
 

@@ -260,6 +260,7 @@ def _train_and_evaluate(method, cfg, manifest, scheme, train, test, video, bb, a
     metrics = {k: None if v is None else round(v, 4) for k, v in
                evaluate_retrieval(rset, cfg.frame_pooling, cfg.softmax_temperature).items()}  # fmt: skip
     record = Record(
+        selection=adapter.selection,
         method=method, dataset=manifest.id, backbone=bb.id, protocol="retrieval", shots=0, seed=seed,
         metrics=metrics, fit_seconds=round(fit_seconds, 4), trainable_params=adapter.trainable_params(),
         config=dataclasses.asdict(cfg),
@@ -346,6 +347,7 @@ def evaluate_retrieval_run(
     metrics = {k: None if v is None else round(v, 4) for k, v in
                evaluate_retrieval(rset, cfg.frame_pooling, cfg.softmax_temperature).items()}  # fmt: skip
     record = Record(
+        selection=adapter.selection,
         method=method, dataset=meta["dataset"], backbone=bb.id, protocol="retrieval", shots=0, seed=meta["seed"],
         metrics=metrics, fit_seconds=0.0, trainable_params=adapter.trainable_params(), config=meta["config"],
         store=streamed_source(bb, manifest, scheme.name),

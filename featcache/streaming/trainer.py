@@ -235,6 +235,7 @@ def fit_streaming(
     if tokens_cache is not None:
         tokens_cache.close()
     record = Record(
+        selection=adapter.selection,
         method=method, dataset=manifest.id, backbone=bb.id, protocol=protocol, shots=shots, seed=seed,
         metrics=metrics, fit_seconds=round(fit_seconds, 4), trainable_params=adapter.trainable_params(),
         config=dataclasses.asdict(cfg),
@@ -378,6 +379,7 @@ def evaluate_streaming_run(
     metrics = _evaluate(adapter, bb, method, cfg, manifest, test, classes, [], zs, workers)
     adapter.detach(bb.model)
     record = Record(
+        selection=adapter.selection,
         method=method, dataset=meta["dataset"], backbone=bb.id,
         protocol="dg" if manifest.id in DG_TARGETS else "xd", shots=meta["shots"], seed=meta["seed"],
         metrics=metrics, fit_seconds=0.0, trainable_params=adapter.trainable_params(), config=meta["config"],

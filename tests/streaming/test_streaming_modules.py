@@ -72,6 +72,23 @@ def test_maple_token_layout_on_vit_b16(vitb16):
     torch.testing.assert_close(maple.ctx, model.token_embedding.block(tok(["a photo"]))[0, 1:3])
 
 
+def test_maple_deep_projections_start_as_copies_of_one_layer(vitb16):
+    """The reference builds them with _get_clones(nn.Linear(...), depth - 1): eight equal layers at init, separate
+    parameters (they train apart); the shallow projection and the deep text prompts are drawn on their own."""
+    model, tok = vitb16
+    maple = MaPLe.for_model(model, tok)
+    first = maple.deep_proj[0]
+    assert len(maple.deep_proj) == 8
+    for layer in maple.deep_proj[1:]:
+        assert torch.equal(layer.weight, first.weight) and torch.equal(layer.bias, first.bias)
+        assert layer.weight.data_ptr() != first.weight.data_ptr()
+    assert not torch.equal(maple.proj.weight, first.weight)
+    assert not torch.equal(maple.deep_text[0], maple.deep_text[1])
+    with torch.no_grad():
+        maple.deep_proj[1].weight.add_(1.0)  # one trains without moving the others
+    assert torch.equal(maple.deep_proj[2].weight, first.weight)
+
+
 def test_layer_mma_starts_close_to_clip_and_detaches_cleanly(tiny4):
     model, tok = tiny4
     images, tokens = torch.randn(3, 3, 32, 32), tok(["a photo of a cat.", "a photo of a dog."])
