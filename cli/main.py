@@ -118,6 +118,12 @@ def extract(
     with _user_errors():
         if (dataset is None) == (manifest is None):
             raise FeatcacheError("give exactly one of --dataset NAME or --manifest FILE")
+        _at_least("--batch-size", batch_size, 1)
+        _at_least("--workers", workers, 0)
+        _at_least("--augment-views", augment_views, 0)
+        _at_least("--augment-seed", augment_seed, 0, MAX_SEED)
+        _at_least("--cache-layer", cache_layer, 0)
+        _device(device)
         path = run(
             manifest if manifest is not None else dataset, backbone, data_root=data_root, cache_dir=cache_dir,
             splits=splits, split_scheme=split_scheme, batch_size=batch_size, workers=workers,
@@ -177,6 +183,7 @@ def import_tip(
     from featcache.store import Store
 
     with _user_errors():
+        _at_least("--shots", shots, 1)
         path = run(folder, name, classnames, text_features, shots=shots, cache_dir=cache_dir,
                    backbone=backbone, dtype=dtype, overwrite=overwrite)  # fmt: skip
         with Store.open(path) as st:
@@ -272,6 +279,24 @@ def backbones(
             typer.echo(i)
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take it too
+
+
+def _at_least(option: str, value: int | None, low: int, high: int | None = None, why: str = "") -> None:
+    """Range of an integer option, checked where it is parsed: one `error:` line and exit 1, like any bad input
+    (typer's own min= would end in a usage error with exit 2)."""
+    if value is not None and (value < low or (high is not None and value > high)):
+        limit = f">= {low}" if high is None else f"in {low}..{high}"
+        raise FeatcacheError(f"{option} must be {limit}{why}, got {value}")
+
+
+def _device(device: str) -> str:
+    """The device, checked once before anything is loaded: one line if this machine has no such device."""
+    from featcache.backbones import pick_device
+
+    return str(pick_device(device))
+
+
 def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     out = {}
     for item in sets or []:
@@ -304,7 +329,8 @@ def _print_record(rec) -> None:
     else:
         scores = f"acc {m['acc']:.2f}"
     where = rec.dataset if rec.eval_dataset is None else f"{rec.dataset} -> {rec.eval_dataset}"
-    typer.echo(f"{rec.method:<14} {where}  {rec.protocol} {rec.shots}-shot seed {rec.seed}:  {scores}")
+    shots = f"{rec.shots}-shot" if rec.shots else "all-shot"
+    typer.echo(f"{rec.method:<14} {where}  {rec.protocol} {shots} seed {rec.seed}:  {scores}")
     if rec.eval_dataset is None:
         typer.echo(
             f"{'':<14} fit {rec.fit_seconds:.2f} s, {rec.trainable_params:,} trainable parameters, run {rec.run_id}"
@@ -322,7 +348,7 @@ def fit(
     protocol: str = typer.Option(
         "base2novel", help="base2novel, fewshot (all classes), or retrieval (caption datasets: R@K both ways)."
     ),
-    shots: int = typer.Option(16, help="Training images per class (Dassl's draw); 0 or less: all."),
+    shots: int = typer.Option(16, help="Training images per class (Dassl's draw); 0: all."),
     seed: int = typer.Option(1, help="Seed of the few-shot draw and of training."),
     lam: float | None = typer.Option(
         None, "--lambda", help="mm-attn: weight on the adapter output (0.2 reproduces the published setup)."
@@ -352,9 +378,14 @@ def fit(
     from featcache.streaming.trainer import METHODS, fit_streaming
 
     with _user_errors():
+        _at_least("--shots", shots, 0, why=" (0: every training row)")
+        _at_least("--seed", seed, 0, MAX_SEED)
+        _at_least("--workers", workers, 0)
+        _at_least("--cache-layer", cache_layer, 0)
+        device = _device(device)
         options = _parse_sets(sets)
         if lam is not None:
-            options["lam"] = lam
+            options["lam"] = lam  # a method option: its declared bounds (and finiteness) apply
         if adapter in RETRIEVAL:
             if dataset is None or backbone is None:
                 raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
@@ -407,6 +438,8 @@ def eval_(
     from featcache.fsio import read_json
 
     with _user_errors():
+        _at_least("--workers", workers, 0)
+        device = _device(device)
         meta_file = run / "run.json"
         fix = "delete the run folder and refit with --save"
         meta = read_json(meta_file, "saved run's run.json", fix) if meta_file.exists() else {}
@@ -479,6 +512,7 @@ def sweep(
     from featcache.sweep import load_sweep, run_sweep
 
     with _user_errors():
+        _at_least("--jobs", jobs, 1)
         s = load_sweep(file)
         typer.echo(f"sweep {s.name}: {len(s.jobs)} runs ({s.protocol}) -> {results}")
         c = run_sweep(s, results, cache_dir=cache_dir, jobs=jobs, progress=not quiet, echo=typer.echo)
@@ -552,6 +586,7 @@ def demo(
     from featcache.demo import run_demo
 
     with _user_errors():
+        _at_least("--workers", workers, 0)
         run_demo(cache_dir=cache_dir, workers=workers, echo=typer.echo, random_weights=random_weights)
 
 

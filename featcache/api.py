@@ -14,11 +14,12 @@ from torch import nn
 from . import __version__
 from .adapters import Adapter, MethodError, adapter_config, create_adapter, list_adapters
 from .adapters.base import _entry, run_selection
+from .backbones import parse_backbone, pick_device
 from .evaluate import accuracy, harmonic_mean
 from .extract import store_path
 from .fsio import atomic_write, read_json, safe_torch_load, write_json
 from .importers import imported_path
-from .manifests import load_manifest
+from .manifests import load_manifest, manifest_dir
 from .protocols import Task, build_task, rows_sha256, target_eval_set
 from .results import Record, append_record
 from .retrieval import evaluate_retrieval
@@ -46,9 +47,12 @@ def open_store(
     scheme = manifest.scheme(split_scheme).name
     path = store_path(cache_dir, backbone, manifest.id, scheme)
     if not path.exists():
+        parse_backbone(backbone)  # an unknown backbone is the problem to report, not a store to extract with it
+        bundled = Path(manifest.path).resolve().parent == manifest_dir().resolve()
+        source = f"--dataset {manifest.id}" if bundled else f"--manifest {dataset}"
         raise StoreError(
             f"no store for {manifest.id} ({scheme}) with {backbone}; create it with: featcache extract "
-            f"--dataset {manifest.id} --backbone {backbone}" + (f" --split-scheme {scheme}" if split_scheme else "")
+            f"{source} --backbone {backbone}" + (f" --split-scheme {scheme}" if split_scheme else "")
             + (f" --cache-dir {cache_dir}" if cache_dir else "")
         )  # fmt: skip
     expect = {"featcache_version": __version__, "backbone": backbone, "dataset": manifest.id,
@@ -112,6 +116,8 @@ def fit_method(
     save) its record. Model selection only ever sees the val rows drawn (the method's `val_draw`, default Dassl's
     min(K, 4) per class), never the test split; the record's `selection` says what it looked at."""
     check_method(method)
+    adapter_config(method, **(options or {}))  # unknown options and values out of bounds, before any store is read
+    device = str(pick_device(device))  # a device this machine lacks fails here, in one line
     store = open_store(dataset, backbone, name, cache_dir, split_scheme)
     with store:
         ds = store.fingerprint["dataset"]
@@ -265,6 +271,7 @@ def evaluate_run(
     results: str | Path | None = None,
 ) -> Record:
     """Evaluate a saved method on another store's test split (cross-dataset, domain generalization)."""
+    device = str(pick_device(device))
     adapter, meta = load_run(run, device)
     backbone = backbone or (meta["backbone"] if name is None else None)
     store = open_store(dataset, backbone, name, cache_dir, split_scheme)

@@ -236,10 +236,9 @@ def load_backbone(
         tokenizer = open_clip.get_tokenizer(spec.model_name, cache_dir=cache_dir)
     except BackboneError:
         raise
-    except Exception as e:  # network, missing file, bad checkpoint: one line with the cause
+    except Exception as e:  # network, bad checkpoint: one line with the cause, blaming what can be to blame
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = " (no network? download the weights on a connected machine or pass a local checkpoint)"
-        raise BackboneError(f"could not load backbone '{backbone_id}': {msg}{hint}") from e
+        raise BackboneError(_load_failure(spec, msg)) from e
     model.eval().requires_grad_(False)
     sha = state_dict_sha256(model)
     model.to(dev)
@@ -248,10 +247,27 @@ def load_backbone(
     return Backbone(spec, model, preprocess, tokenizer, dev, prec, sha, pp)
 
 
+def _load_failure(spec: BackboneSpec, reason: str) -> str:
+    """Why a backbone did not load, in one line. Only downloads can fail for want of a network; a local file or
+    folder that open_clip cannot read is not a checkpoint for the architecture, and saying "no network?" then
+    sends the user the wrong way."""
+    if len(reason) > 160:  # torch's and hub's messages run on with advice that does not apply here
+        reason = reason.split(". ")[0]
+    head = f"could not load backbone '{spec.id}'"
+    if spec.kind == "file":
+        return f"{head}: {spec.pretrained} is not an open_clip checkpoint for {spec.arch} ({reason})"
+    if spec.kind == "local-dir":
+        return f"{head}: {spec.id[len('local-dir:') :]} does not hold an open_clip model ({reason})"
+    if spec.kind == "random":
+        return f"{head}: {reason}"
+    return f"{head}: {reason} (no network? download the weights on a connected machine or pass a local checkpoint)"
+
+
 def backbone_slug(backbone_id: str) -> str:
     """A folder name for a backbone id (checkpoint paths are shortened to name + hash of the path)."""
     spec_arch, _, rest = backbone_id.partition("/")
     if rest and (os.sep in rest or rest.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         digest = hashlib.sha1(str(Path(rest).expanduser().resolve()).encode()).hexdigest()[:8]
         backbone_id = f"{spec_arch}/{Path(rest).name}-{digest}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_id.replace("/", "__"))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_id.replace("/", "__"))
+    return slug if slug.strip(".") else slug.replace(".", "_") or "_"  # never ".", ".." or "": a folder of its own

@@ -57,6 +57,43 @@ def _missing(manifest: Manifest, scheme: Scheme, what: str) -> DataError:
     return DataError(f"{manifest.id} ({scheme.name}): {what}. {how}{dl}")
 
 
+_ROOTS = tuple({os.sep, os.altsep or os.sep})
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def outside(root: Path, paths: list[str], bases: list[Path] | None = None) -> str | None:
+    """The first of `paths` (each relative to every folder in `bases`, default the root itself) that leads out
+    of `root`, or None. Symlinks are followed wherever they lead (a data root's owner puts them there); what is
+    refused is an absolute path or a '..' that climbs out. Cheap enough for 1.28M items: only a path that is
+    absolute or holds '..' is looked at further; one with a '..' component must also mean on disk what it
+    says on paper (resolving it equals resolving its normalised form), so a '..' after a symlink cannot climb
+    out of the symlink's target."""
+    top = os.path.abspath(root)
+    starts = [os.path.abspath(b) for b in bases] if bases else [top]
+    nt = os.name == "nt"  # drive letters: C:x is absolute there
+    for p in [p for p in paths if ".." in p or p.startswith(_ROOTS) or (nt and os.path.isabs(p))]:
+        dots = ".." in p.replace("\\", "/").split("/")
+        for start in starts:
+            norm = os.path.normpath(os.path.join(start, p))
+            if not _within(norm, top):
+                return p
+            if dots and os.path.realpath(os.path.join(start, p)) != os.path.realpath(norm):
+                return p
+    return None
+
+
+def check_inside(
+    root: Path, paths: list[str], what: str, bases: list[Path] | None = None, fix: str = "items must be paths inside it"
+) -> None:
+    """Refuse, naming it, the first path that leads out of the data root (see `outside`)."""
+    bad = outside(root, paths, bases)
+    if bad is not None:
+        raise DataError(f"{what} {bad!r} resolves outside the data root {os.path.abspath(root)}; {fix}")
+
+
 def _first_dir(root: Path, dirs: list[str], probe: Callable[[Path], bool]) -> Path | None:
     for d in dirs:
         p = root / d
@@ -151,6 +188,7 @@ def resolve_split(manifest: Manifest, scheme: Scheme, split: str, data_root: str
 
 def _split_json(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> SplitItems:
     src = scheme.source
+    check_inside(root, [src["split_file"]], "split file", fix="the manifest's split_file must be a path inside it")
     sf = root / src["split_file"]
     if not sf.is_file():
         raise _missing(manifest, scheme, f"split file {sf} not found")
@@ -161,6 +199,7 @@ def _split_json(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> S
         raise DataError(f"{sf}: not a CoOp split file with a '{split}' list ({e})") from e
     if not rows:
         return SplitItems(split, [])
+    check_inside(root, [str(r[0]) for r in rows], "split file item", [root / d for d in src["image_dirs"]])
     first = rows[0][0]
     img_dir = _first_dir(root, src["image_dirs"], lambda d: (d / first).exists())
     if img_dir is None:
@@ -214,6 +253,7 @@ def _list_file(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> Sp
             raise DataError(f"{base / fname}:{n}: class '{key}' is not in the manifest's class list")
         rel = f"{src['image_subdir']}/{img_id}{src['image_ext']}"
         items.append(Item(rel, index[key], str(base / rel)))
+    check_inside(root, [it.id for it in items], "list file item", [base])
     return SplitItems(split, items)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -155,6 +156,9 @@ def parse_manifest(raw: Any, where: str = "<manifest>") -> Manifest:
             raise bad(f"templates[{i}]", "must be a string with exactly one '{}'")
     if not isinstance(raw["schemes"], dict) or not raw["schemes"]:
         raise bad("schemes", "must be a non-empty object")
+    for n in raw["schemes"]:
+        if not _ID_RE.match(n):  # it names the store file, <cache>/<backbone>/<id>__<scheme>.h5
+            raise bad("schemes", f"has a scheme named {n!r}; scheme names must match [a-z0-9][a-z0-9_-]*")
     schemes = {n: _parse_scheme(n, s, len(names), task, bad) for n, s in raw["schemes"].items()}
     if raw["default_scheme"] not in schemes:
         raise bad("default_scheme", f"must be one of {list(schemes)}, got {raw['default_scheme']!r}")
@@ -241,6 +245,9 @@ def _parse_scheme(name: str, s: Any, n_classes: int, task: str, bad) -> Scheme:
     for key in ("description", "instructions"):
         if key in s and not isinstance(s[key], str):
             raise bad(f"{pre}.{key}", "must be a string")
+    for where, path in _paths(pre, src, dl):
+        if not inside_path(path):
+            raise bad(where, f"must be a relative path that stays inside --data-root, got {path!r}")
     return Scheme(
         name=name,
         source=src,
@@ -250,6 +257,35 @@ def _parse_scheme(name: str, s: Any, n_classes: int, task: str, bad) -> Scheme:
         instructions=s.get("instructions", ""),
         caption_counts=dict(s.get("caption_counts", {})),
     )
+
+
+def inside_path(path: str) -> bool:
+    """Whether a manifest path stays inside the folder it is relative to: not absolute, and no '..' that climbs
+    above it."""
+    norm = os.path.normpath(path)
+    return not os.path.isabs(path) and norm != ".." and not norm.startswith(".." + os.sep)
+
+
+def _paths(pre: str, src: dict[str, Any], dl: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(field, value) of every path a scheme names: each is joined to --data-root (or a folder inside it)."""
+    out = [(f"{pre}.source.{k}", src[k]) for k in ("split_file", "image_subdir", "root", "annotation_file")
+           if isinstance(src.get(k), str)]  # fmt: skip
+    for key in ("image_dirs", "dirs", "frame_dirs", "class_dirs"):
+        out += [(f"{pre}.source.{key}[{i}]", d) for i, d in enumerate(src.get(key) or []) if isinstance(d, str)]
+    kwargs = src.get("kwargs")
+    if isinstance(kwargs, dict) and isinstance(kwargs.get("root"), str):
+        out.append((f"{pre}.source.kwargs.root", kwargs["root"]))
+    for sp, spec in (src.get("splits") or {}).items():
+        if isinstance(spec, str) and src["kind"] != "karpathy_json":
+            out.append((f"{pre}.source.splits.{sp}", spec))
+        elif isinstance(spec, dict):
+            out += [(f"{pre}.source.splits.{sp}.{k}", spec[k]) for k in ("root", "pairs", "videos", "captions")
+                    if isinstance(spec.get(k), str)]  # fmt: skip
+    if dl:
+        if isinstance(dl.get("root"), str):
+            out.append((f"{pre}.download.root", dl["root"]))
+        out += [(f"{pre}.download.files[{i}].path", f["path"]) for i, f in enumerate(dl.get("files", []))]
+    return out
 
 
 def _check_retrieval_source(pre: str, src: dict[str, Any], bad) -> None:

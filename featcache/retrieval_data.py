@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import IMAGE_EXTS, Item, _first_dir, _missing
+from .data import IMAGE_EXTS, Item, _first_dir, _missing, check_inside
 from .errors import DataError
 from .manifests import Manifest, Scheme
 
@@ -51,6 +51,9 @@ def resolve_retrieval_split(manifest: Manifest, scheme: Scheme, split: str, data
                 f"{manifest.id} ({scheme.name}) {split}: found {n} {what}, expected {want}; the annotation files "
                 f"are partial or not the ones the manifest describes. {scheme.instructions}".strip()
             )
+    what = {"karpathy_json": "annotation file item", "caption_file": "caption file item", "video_frames": "video id"}
+    dirs = scheme.source["frame_dirs" if kind == "video_frames" else "image_dirs"]
+    check_inside(root, items, what[kind], [root / d for d in dirs])  # before any file is looked for
     if kind == "video_frames":
         frames = _video_frames(manifest, scheme, items, root)
     else:
@@ -75,6 +78,7 @@ def _group(pairs: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
 
 def _karpathy(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> tuple[list[str], list[list[str]]]:
     src = scheme.source
+    check_inside(root, [src["annotation_file"]], "annotation file", fix="the manifest's paths must be inside it")
     af = root / src["annotation_file"]
     if not af.is_file():
         raise _missing(manifest, scheme, f"annotation file {af} not found")
@@ -91,6 +95,7 @@ def _karpathy(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> tup
 
 
 def _caption_file(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> tuple[list[str], list[list[str]]]:
+    check_inside(root, [scheme.source["splits"][split]], "caption file", fix="the manifest's paths must be inside it")
     f = root / scheme.source["splits"][split]
     if not f.is_file():
         raise _missing(manifest, scheme, f"caption file {f} not found")
@@ -100,6 +105,8 @@ def _caption_file(manifest: Manifest, scheme: Scheme, split: str, root: Path) ->
 def _video_captions(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> tuple[list[str], list[list[str]]]:
     spec = scheme.source["splits"][split]
     cols = (spec.get("video_column", "video_id"), spec.get("caption_column", "caption"))
+    names = [spec[k] for k in ("pairs", "videos", "captions") if k in spec]
+    check_inside(root, names, "annotation file", fix="the manifest's paths must be inside it")
     files = {k: root / spec[k] for k in ("pairs", "videos", "captions") if k in spec}
     for f in files.values():
         if not f.is_file():

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import list_adapters
+from .adapters import adapter_config, list_adapters
+from .adapters.base import build_config
 from .errors import FeatcacheError
 from .manifests import load_manifest
 from .results import Record, append_record, read_records
@@ -76,8 +77,17 @@ class Sweep:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
+TOP_KEYS = ("name", "protocol", "backbones", "datasets", "source", "targets", "methods", "shots", "seeds",
+            "template", "val_from", "cache_dir", "data_root", "options", "variants")  # fmt: skip
+VARIANT_KEYS = ("name", "method", "options")
+VAL_FROM = ("val", "train", "none")
+MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take it too
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Parse and check a sweep file; every mistake names the key."""
+    """Parse and check a sweep file before anything runs; every mistake names the key. Unknown keys are refused
+    at every level (a typo such as `shotz` would otherwise run the defaults), and every method's options are
+    built into its config, so a value outside the option's bounds fails here rather than in run 37."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise SweepError(f"no sweep file at {path}")
@@ -86,44 +96,89 @@ def load_sweep(path: str | Path) -> Sweep:
     except tomllib.TOMLDecodeError as e:
         raise SweepError(f"{path}: not valid TOML ({e})") from e
 
+    def refuse_unknown(table: dict, allowed: tuple[str, ...], where: str) -> None:
+        for key in table:
+            if key not in allowed:
+                raise SweepError(f"{path}: unknown key {key!r}{where}; allowed: {', '.join(allowed)}")
+
     def need(key: str, kind: type, default: Any = None) -> Any:
         v = raw.get(key, default)
         if v is None:
             raise SweepError(f"{path}: '{key}' is missing")
         if not isinstance(v, kind):
-            raise SweepError(f"{path}: '{key}' must be a {kind.__name__}")
+            raise SweepError(f"{path}: '{key}' must be a {'table' if kind is dict else kind.__name__}")
         return v
 
+    def strings(key: str, default: Any = None) -> list[str]:
+        v = need(key, list, default)
+        if not v or not all(isinstance(x, str) and x for x in v):
+            raise SweepError(f"{path}: '{key}' must be a non-empty list of names, got {v!r}")
+        return v
+
+    def counts(key: str, default: list[int], what: str) -> list[int]:
+        v = need(key, list, default)
+        bad = [x for x in v if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_SEED]
+        if not v or bad:
+            got = repr(bad[0]) if bad else "[]"
+            raise SweepError(f"{path}: '{key}' must be a non-empty list of {what}, got {got}")
+        return v
+
+    refuse_unknown(raw, TOP_KEYS, "")
     protocol = need("protocol", str)
     if protocol not in PROTOCOLS:
         raise SweepError(f"{path}: 'protocol' must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    backbones = need("backbones", list)
+    cross = protocol in ("xd", "dg")
+    for key in ("source", "targets") if not cross else ("datasets",):
+        if key in raw:
+            uses = "'source' and 'targets'" if cross else "'datasets'"
+            raise SweepError(f"{path}: '{key}' does not apply to protocol {protocol}, which uses {uses}")
+    for key in ("name", "template", "cache_dir", "data_root"):
+        if key in raw:
+            need(key, str)
+    val_from = need("val_from", str, "train" if cross else "val")
+    if val_from not in VAL_FROM:
+        raise SweepError(f"{path}: 'val_from' must be one of {', '.join(VAL_FROM)}, got {val_from!r}")
+    backbones = strings("backbones")
     methods = need("methods", list, [])
-    shots = need("shots", list, [0] if protocol == "retrieval" else [16])
-    seeds = need("seeds", list, [1, 2, 3])
+    shots = counts("shots", [0] if protocol == "retrieval" else [16], "whole numbers >= 0 (0: every training row)")
+    seeds = counts("seeds", [1, 2, 3], f"whole numbers in 0..{MAX_SEED}")
     known = set(list_adapters()) | _streamed()
     for m in methods:
         if m not in known:
             raise SweepError(f"{path}: unknown method {m!r} in 'methods'; available: {', '.join(sorted(known))}")
     per_method = need("options", dict, {})
-    for m in per_method:
+    for m, opts in per_method.items():
         if m not in known:
-            raise SweepError(f"{path}: unknown method {m!r} in [options]")
+            raise SweepError(f"{path}: unknown method {m!r} in [options]; available: {', '.join(sorted(known))}")
+        if not isinstance(opts, dict):
+            raise SweepError(f"{path}: [options] {m} must be a table of options, e.g. {m} = {{ epochs = 10 }}")
     variants = need("variants", list, [])
     rows: list[tuple[str, str | None, dict]] = [(m, None, dict(per_method.get(m, {}))) for m in methods]
     for i, v in enumerate(variants):
         if not isinstance(v, dict) or not isinstance(v.get("name"), str) or v.get("method") not in known:
             raise SweepError(f"{path}: variants[{i}] needs a 'name' and a known 'method'")
+        refuse_unknown(v, VARIANT_KEYS, f" in variants[{i}] ({v['name']})")
+        if not isinstance(v.get("options", {}), dict):
+            raise SweepError(f"{path}: variants[{i}] ({v['name']}): 'options' must be a table")
         rows.append((v["method"], v["name"], {**per_method.get(v["method"], {}), **v.get("options", {})}))
     if not rows:
         raise SweepError(f"{path}: no 'methods' and no [[variants]]: nothing to run")
+    names = [var for _, var, _ in rows if var is not None]
+    if len(set(names)) != len(names):
+        raise SweepError(f"{path}: two [[variants]] are named {next(n for n in names if names.count(n) > 1)!r}")
+    for m, var, opts in rows:  # option names and bounds, before any run starts
+        try:
+            _method_config(m, opts)
+        except FeatcacheError as e:
+            where = f"variants ({var})" if var else f"[options] {m}"
+            raise SweepError(f"{path}: {where}: {e}") from None
 
-    if protocol in ("xd", "dg"):
+    if cross:
         sources = [need("source", str)]
-        targets = tuple(need("targets", list))
+        targets = tuple(strings("targets"))
         fit_protocol = "fewshot"
     else:
-        sources = need("datasets", list)
+        sources = strings("datasets")
         targets = ()
         fit_protocol = protocol
     for d in [*sources, *targets]:
@@ -134,9 +189,18 @@ def load_sweep(path: str | Path) -> Sweep:
     ]  # fmt: skip
     return Sweep(
         name=raw.get("name", path.stem), protocol=protocol, jobs=jobs, template=raw.get("template"),
-        val_from=raw.get("val_from", "train" if protocol in ("xd", "dg") else "val"), cache_dir=raw.get("cache_dir"),
-        raw=raw,
+        val_from=val_from, cache_dir=raw.get("cache_dir"), raw=raw,
     )  # fmt: skip
+
+
+def _method_config(method: str, options: dict[str, Any]) -> Any:
+    """The config a run of `method` with these options would get (raises on an unknown option or a bad value)."""
+    from .streaming import streamed_methods
+
+    streamed = streamed_methods()
+    if method in streamed:
+        return build_config(streamed[method], method, options)
+    return adapter_config(method, **options)
 
 
 def missing_stores(sweep: Sweep, cache_dir: str | Path | None) -> list[tuple[str, str, str]]:

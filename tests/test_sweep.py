@@ -53,14 +53,15 @@ def test_resume_skips_finished_runs(tmp_path, cache):
 
 
 def test_failing_run_is_recorded_and_the_rest_continue(tmp_path, cache):
-    extra = '[[variants]]\nname = "broken"\nmethod = "clip-adapter"\noptions = { ratio = "not a number" }'
+    # options pass load_sweep's checks (each in bounds) but not the method: a failure only the run itself finds
+    extra = '[[variants]]\nname = "broken"\nmethod = "mm-attn"\noptions = { heads = 3 }'
     sweep = load_sweep(write(tmp_path, extra))
     out = tmp_path / "r.jsonl"
     c = run_sweep(sweep, out, cache_dir=cache, progress=False)
     assert c == {"skipped": 0, "missing": 0, "done": 4, "failed": 2}
     recs = read_records(out)
     failed = [r for r in recs if r["error"]]
-    assert len(failed) == 2 and all(r["variant"] == "broken" and "needs a float" in r["error"] for r in failed)
+    assert len(failed) == 2 and all(r["variant"] == "broken" and "must divide width" in r["error"] for r in failed)
     assert all(r["metrics"] == {} for r in failed)
     assert len(pending(sweep, out)) == 2  # failed runs are retried next time
 

@@ -2,12 +2,20 @@
 
 A method is one file: a config dataclass (defaults and help text live there), an `Adapter` subclass, and a
 `@register("name", Config)` line. `create_adapter(name, **overrides)` builds one; `list_adapters()` lists them.
+
+Each config field declares its valid values once, in its metadata, and `check_config` enforces them for the CLI,
+the API and sweeps alike: "ge", "gt", "le", "lt" (numbers; on a list-valued field, every element) and "choices"
+(the allowed strings). Every float must also be finite unless the metadata says "allow_inf": True (NaN never
+is). A subclass that redeclares a field (another default) without any of these keys keeps the bounds of the
+base class's field.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,17 +63,28 @@ class FitData:
 class TrainConfig:
     """Options of the shared training loop (featcache.train.fit). Methods override the defaults."""
 
-    epochs: int = field(default=20, metadata={"help": "maximum training epochs"})
-    batch_size: int = field(default=256, metadata={"help": "rows per optimisation step"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
-    optimizer: str = field(default="adamw", metadata={"help": "adam, adamw or sgd"})
-    eps: float = field(default=1e-8, metadata={"help": "Adam/AdamW epsilon"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    schedule: str = field(default="cosine", metadata={"help": "constant or cosine (per step, over all epochs)"})
-    patience: int = field(default=0, metadata={"help": "early-stopping patience in epochs on val accuracy (0: off)"})
+    epochs: int = field(default=20, metadata={"help": "maximum training epochs", "ge": 1})
+    batch_size: int = field(default=256, metadata={"help": "rows per optimisation step", "ge": 1})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate", "gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay", "ge": 0})
+    optimizer: str = field(
+        default="adamw", metadata={"help": "adam, adamw or sgd", "choices": ["adam", "adamw", "sgd"]}
+    )
+    eps: float = field(default=1e-8, metadata={"help": "Adam/AdamW epsilon", "gt": 0})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "ge": 0, "le": 1})
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "constant or cosine (per step, over all epochs)", "choices": ["constant", "cosine"]},
+    )
+    patience: int = field(
+        default=0, metadata={"help": "early-stopping patience in epochs on val accuracy (0: off)", "ge": 0}
+    )
     select: str = field(
-        default="best-val", metadata={"help": "best-val: restore the best-val epoch; last: keep the last epoch"}
+        default="best-val",
+        metadata={
+            "help": "best-val: restore the best-val epoch; last: keep the last epoch",
+            "choices": ["best-val", "last"],
+        },
     )
 
 
@@ -174,16 +193,102 @@ def build_config(config_cls: type, name: str, overrides: dict[str, Any]) -> Any:
     for key in overrides:
         if key not in fields:
             raise MethodError(f"method '{name}' has no option '{key}'; options: {', '.join(sorted(fields))}")
-    return config_cls(**{k: _coerce(name, fields[k], v) for k, v in overrides.items()})
+    return check_config(config_cls(**{k: _coerce(name, fields[k], v) for k, v in overrides.items()}), name)
+
+
+BOUND_KEYS = ("ge", "gt", "le", "lt", "choices", "allow_inf")
+_OPS = {"ge": (">=", lambda x, b: x >= b), "gt": (">", lambda x, b: x > b), "le": ("<=", lambda x, b: x <= b),
+        "lt": ("<", lambda x, b: x < b)}  # fmt: skip
+
+
+def field_bounds(config_cls: type, key: str) -> dict[str, Any]:
+    """The bound keys of a config field: its own metadata's, or, when a subclass redeclares the field only to
+    change its default, those of the nearest base class that declares any."""
+    for klass in config_cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(key)
+        if f is not None and any(k in f.metadata for k in BOUND_KEYS):
+            return {k: f.metadata[k] for k in BOUND_KEYS if k in f.metadata}
+    return {}
+
+
+def check_config(cfg: Any, name: str) -> Any:
+    """Refuse a config holding a value outside its field's declared bounds, of the wrong kind, or a NaN or
+    infinity, in one line naming the option; returns the config. Runs wherever a config is built or handed
+    in, so a bad value stops before any data is read."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        bounds = field_bounds(type(cfg), f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        is_list = isinstance(default, (list, tuple))
+        if is_list and not isinstance(value, (list, tuple)):
+            raise MethodError(f"option '{f.name}' of '{name}' must be a list, got {value!r}")
+        kind = _kind(f, default)
+        for x in value if is_list else [value]:
+            _check_value(name, f.name, x, kind, bounds, " (every element)" if is_list else "")
+    return cfg
+
+
+def _kind(f: dataclasses.Field, default: Any) -> type:
+    """A field's scalar type (a list field's element type): from its annotation when it names one, since
+    `logit_scale: float = 100` must take 50.5; else from the default."""
+    ann = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")).replace(" ", "")
+    for t in (bool, int, float, str):
+        if ann in (t.__name__, f"{t.__name__}|None", f"list[{t.__name__}]"):
+            return t
+    if isinstance(default, (list, tuple)):
+        return type(default[0]) if default else float
+    return type(default)
+
+
+def _check_value(name: str, key: str, x: Any, kind: type, bounds: dict[str, Any], each: str) -> None:
+    def bad(why: str) -> MethodError:
+        shown = x
+        if isinstance(x, numbers.Real) and not isinstance(x, bool):  # numpy scalars print as plain numbers
+            shown = int(x) if isinstance(x, numbers.Integral) else float(x)
+        return MethodError(f"option '{key}' of '{name}'{each} must be {why}, got {shown!r}")
+
+    if x is None:  # an optional option left unset (e.g. "use the model's own logit scale")
+        return
+    if kind is bool and not isinstance(x, bool):
+        raise bad("true or false")
+    if kind is str and not isinstance(x, str):
+        raise bad("a string")
+    if kind is int and (isinstance(x, bool) or not isinstance(x, numbers.Integral)):
+        raise bad("an integer")
+    numeric = kind in (int, float) or any(k in bounds for k in _OPS)
+    if numeric and (isinstance(x, bool) or not isinstance(x, numbers.Real)):
+        raise bad("a number")
+    if "choices" in bounds and x not in bounds["choices"]:
+        raise bad(f"one of {', '.join(map(str, bounds['choices']))}")
+    if numeric and (math.isnan(x) or (math.isinf(x) and not bounds.get("allow_inf"))):
+        raise bad("finite")
+    for op, (sign, ok) in _OPS.items():
+        if op in bounds and not ok(x, bounds[op]):
+            raise bad(f"{sign} {bounds[op]:g}")
 
 
 def config_help(name: str) -> list[tuple[str, Any, str]]:
-    """(option, default, help) for every option of a method, for --help style listings."""
+    """(option, default, help) for every option of a method, for --help style listings; the help ends with the
+    option's bounds, so the listing says what `check_config` will accept."""
     out = []
-    for f in dataclasses.fields(_entry(name).config_cls):
+    cls = _entry(name).config_cls
+    for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out.append((f.name, default, f.metadata.get("help", "")))
+        text = f.metadata.get("help", "")
+        bounds = field_bounds(cls, f.name)
+        if all(str(c) in text for c in bounds.get("choices", [])):  # the help already names them
+            bounds.pop("choices", None)
+        limits = describe_bounds(bounds)
+        out.append((f.name, default, f"{text} [{limits}]" if limits else text))
     return out
+
+
+def describe_bounds(bounds: dict[str, Any]) -> str:
+    """Bounds as text: ">= 0, <= 1" or "one of adam, adamw, sgd"."""
+    parts = [f"{sign} {bounds[op]:g}" for op, (sign, _) in _OPS.items() if op in bounds]
+    if "choices" in bounds:
+        parts.append("one of " + ", ".join(map(str, bounds["choices"])))
+    return ", ".join(parts)
 
 
 def create_adapter(name: str, config: Any = None, dim: int = 512, seed: int | None = None, **overrides: Any) -> Adapter:
@@ -191,8 +296,8 @@ def create_adapter(name: str, config: Any = None, dim: int = 512, seed: int | No
     With a seed, initial weights come from that seed (the global RNG is left as it was)."""
     entry = _entry(name)
     cfg = config if config is not None else adapter_config(name, **overrides)
-    if config is not None and overrides:
-        cfg = dataclasses.replace(config, **overrides)
+    if config is not None:
+        cfg = check_config(dataclasses.replace(config, **overrides) if overrides else config, name)
     if seed is None:
         return entry.cls(cfg, dim)
     with torch.random.fork_rng(devices=[]):
@@ -201,23 +306,26 @@ def create_adapter(name: str, config: Any = None, dim: int = 512, seed: int | No
 
 
 def _coerce(method: str, f: dataclasses.Field, value: Any) -> Any:
-    """Turn `--set key=value` strings into the field's type (int, float, bool, str, float lists)."""
+    """Turn `--set key=value` strings into the field's type (int, float, bool, str, lists of them; "none" for an
+    optional field left unset)."""
     if not isinstance(value, str):
         return value
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    kind = _kind(f, default)
+    is_list = isinstance(default, (list, tuple))
     try:
-        if isinstance(default, bool):
+        if is_list:
+            return type(default)(kind(v) for v in value.split(","))
+        if default is None and value.lower() in ("none", "null"):
+            return None
+        if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(value)
             return value.lower() in ("true", "1", "yes")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, (list, tuple)):
-            elem = type(default[0]) if default else float
-            return type(default)(elem(v) for v in value.split(","))
+        if kind in (int, float):
+            return kind(value)
     except ValueError:
-        kind = type(default).__name__
-        raise MethodError(f"option '{f.name}' of '{method}' needs a {kind}, got {value!r}") from None
+        raise MethodError(
+            f"option '{f.name}' of '{method}' needs a {kind.__name__}{' list' if is_list else ''}, got {value!r}"
+        ) from None
     return value

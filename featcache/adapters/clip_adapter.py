@@ -17,9 +17,11 @@ from .base import Adapter, TrainConfig, register
 
 @dataclass
 class ClipAdapterConfig(TrainConfig):
-    ratio: float = field(default=0.2, metadata={"help": "residual ratio r: weight on the adapter output"})
-    reduction: int = field(default=4, metadata={"help": "bottleneck width is D / reduction"})
-    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)"})
+    ratio: float = field(
+        default=0.2, metadata={"help": "residual ratio r: weight on the adapter output", "ge": 0, "le": 1}
+    )
+    reduction: int = field(default=4, metadata={"help": "bottleneck width is D / reduction", "ge": 1})
+    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0})
     # methods.md gives no cached-feature schedule for CLIP-Adapter; featcache's choice: AdamW, early stopping on val
     optimizer: str = field(default="adamw", metadata={"help": "adam, adamw or sgd"})
     lr: float = field(default=5e-3, metadata={"help": "learning rate"})

@@ -33,7 +33,7 @@ from .base import Adapter, MethodError, TrainConfig, register
 
 @dataclass
 class CoOpConfig(TrainConfig):
-    n_ctx: int = field(default=16, metadata={"help": "learnable context tokens"})
+    n_ctx: int = field(default=16, metadata={"help": "learnable context tokens", "ge": 1})
     ctx_init: str = field(
         default="",
         metadata={"help": "initial words ('_' = space; their count, split on ' ', sets n_ctx; leftover tokens stay "

@@ -10,8 +10,10 @@ search (ftol 1e-3, gtol 0.9, xtol 0.1, at most 50 evaluations), stopping when ma
 falls by less than 64 machine epsilons (relative), or after max_iter iterations, from zero weights; two classes
 use scikit-learn's single-row binomial model. At large C the probe stops well before the minimum (the gradient of
 the mean loss is small from the start), so the answer depends on the path: matching the path is what matches
-scikit-learn's accuracy. Every C is solved once (the bisection revisits C values). `solver=sklearn` runs
-scikit-learn itself, as before.
+scikit-learn's accuracy. Every C is solved once (the bisection revisits C values); a line search costs two
+products with the features whatever its number of trial steps (the logits are linear along the line), and what
+every cold start shares (the data term at zero and the first direction) is computed once per search.
+`solver=sklearn` runs scikit-learn itself, as before.
 
 It has no text side, so it cannot score classes it was not trained on: novel accuracy is not applicable.
 """
@@ -47,8 +49,9 @@ class LinearProbeConfig(TrainConfig):
     )  # fmt: skip
     dtype: str = field(
         default="float32",
-        metadata={"help": "torch solver: precision of the feature products (weights, gradients and the line "
-                  "search stay float64, except on MPS). float64 reproduces scikit-learn's iterates to ~1e-12",
+        metadata={"help": "torch solver: precision of the feature products, logits and residuals (the weights, "
+                  "sums and the L-BFGS state stay float64, except on MPS). float64 reproduces scikit-learn's "
+                  "iterates to ~1e-12; float32 to ~1e-5, which can move a bisection step on a near tie",
                   "choices": list(DTYPES)},
     )  # fmt: skip
     tol: float = field(
@@ -73,10 +76,6 @@ class LinearProbe(Adapter):
 
     def __init__(self, config: LinearProbeConfig, dim: int = 512):
         super().__init__(config, dim)
-        if config.solver not in ("torch", "sklearn"):
-            raise MethodError(f"solver must be torch or sklearn, got {config.solver!r}")
-        if config.dtype not in DTYPES:
-            raise MethodError(f"dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
         self.needs_val = config.c <= 0
         self.register_buffer("weight", torch.zeros(0, dim))
         self.register_buffer("bias", torch.zeros(0))
@@ -97,13 +96,14 @@ class LinearProbe(Adapter):
         x = data.train_x.to(DTYPES[cfg.dtype])
         state = torch.float32 if dev.type == "mps" else torch.float64
         solved: dict[float, torch.Tensor] = {}
+        shared: dict = {}
 
         def train(c: float) -> torch.Tensor:
             if c not in solved:
                 start = None
                 if cfg.warm_start and solved:
                     start = solved[min(solved, key=lambda k: abs(math.log(k) - math.log(c)))]
-                solved[c] = fit_logistic(x, y, len(present), c, cfg.tol, cfg.max_iter, start, state)
+                solved[c] = fit_logistic(x, y, len(present), c, cfg.tol, cfg.max_iter, start, state, shared)
             return solved[c]
 
         if cfg.c > 0:
@@ -114,7 +114,7 @@ class LinearProbe(Adapter):
             def score(w: torch.Tensor) -> float:
                 wx, bx = _full_rows(w, len(present))
                 pred = present[(vx @ wx.to(x.dtype).t() + bx.to(x.dtype)).argmax(-1)]
-                return float((pred == vy).double().mean())
+                return int((pred == vy).sum()) / len(vy)
 
             c_final, w = lpclip_search(train, score, cfg.c_grid, cfg.search_steps)
         wx, bx = _full_rows(w, len(present))
@@ -206,102 +206,182 @@ def fit_logistic(
     max_iter: int = 1000,
     start: torch.Tensor | None = None,
     state: torch.dtype = torch.float64,
+    shared: dict | None = None,
 ) -> torch.Tensor:
     """scikit-learn's lbfgs LogisticRegression(C=c) on x [n, D], labels y in 0..K-1: returns [rows, D + 1]
-    (weights, then the bias; one row for two classes, as scikit-learn's binomial model, else K rows)."""
-    n, d = x.shape
+    (weights, then the bias; one row for two classes, as scikit-learn's binomial model, else K rows).
+    `shared`: a dict kept across the calls of one C search on the same x, y (see _Logistic)."""
     rows = 1 if n_classes == 2 else n_classes
-    lam = 1.0 / (c * n)
-    idx = torch.arange(n, device=x.device)
-    yf = y.to(x.dtype)
+    size = rows * (x.shape[1] + 1)
+    w0 = torch.zeros(size, dtype=state, device=x.device) if start is None else start.to(state).flatten().clone()
+    obj = _Logistic(x, y, rows, 1.0 / (c * len(x)), state, shared if start is None else None)
+    return lbfgs(obj, w0, tol, max_iter).view(rows, -1)
 
-    def loss_grad(w: torch.Tensor) -> tuple[float, torch.Tensor]:
-        wm, b = w[:, :d], w[:, d]
-        z = torch.addmm(b.to(x.dtype), x, wm.to(x.dtype).t())  # [n, rows]
-        if rows == 1:  # binomial: log(1 + e^z) - y z
-            z = z[:, 0]
-            f = (torch.nn.functional.softplus(z) - yf * z).sum(dtype=state) / n
-            r = (torch.sigmoid(z) - yf)[:, None]
+
+class _Logistic:
+    """scikit-learn's objective f(w) = (1/n) Σ_i CE(W x_i + b, y_i) + λ/2 ||W||² for lbfgs, evaluated the way a
+    line search needs it: the logits are linear along a line, z(w + a d) = z(w) + a z(d), so a line search
+    costs one product with X for the direction and one for the gradient at the accepted step, however many
+    trial steps it takes (values and slopes come from z alone). Logits, residuals and products are in the
+    features' dtype, sums and the iterate in `state`.
+
+    `shared` (cold starts only) keeps what is the same for every C: the data term and its gradient at w = 0,
+    where the penalty's gradient vanishes, and so the first direction −∇f(0) and its logits."""
+
+    def __init__(self, x, y, rows, lam, state, shared):
+        self.x, self.y, self.rows, self.lam, self.state, self.shared = x, y, rows, lam, state, shared
+        self.n, self.d = x.shape
+        self.idx = torch.arange(self.n, device=x.device)
+        self.lines = 0
+
+    def _data(self, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(1/n) Σ CE at logits z [n, rows], and the residual r = ∂(Σ CE)/∂z (softmax − one-hot)."""
+        if self.rows == 1:  # binomial: log(1 + e^z) − y z
+            yf = self.y.to(z.dtype)[:, None]
+            f = (torch.nn.functional.softplus(z) - yf * z).sum(dtype=self.state)
+            return float(f) / self.n, torch.sigmoid(z) - yf
+        ls = torch.log_softmax(z, 1)
+        f = -float(ls[self.idx, self.y].sum(dtype=self.state)) / self.n
+        r = ls.exp_()
+        r[self.idx, self.y] -= 1.0
+        return f, r
+
+    def _grad(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        g = torch.empty(self.rows, self.d + 1, dtype=self.state, device=w.device)
+        g[:, : self.d] = r.t() @ self.x
+        g[:, self.d] = r.sum(0, dtype=self.state)
+        g.div_(self.n)[:, : self.d].add_(w.view(self.rows, -1)[:, : self.d], alpha=self.lam)
+        return g.view(-1)
+
+    def _logits(self, w: torch.Tensor) -> torch.Tensor:
+        wm = w.view(self.rows, -1)
+        return torch.addmm(wm[:, self.d].to(self.x.dtype), self.x, wm[:, : self.d].to(self.x.dtype).t())
+
+    def _penalty(self, w: torch.Tensor) -> float:
+        wm = w.view(self.rows, -1)[:, : self.d]
+        return 0.5 * self.lam * float(torch.dot(wm.flatten(), wm.flatten()))
+
+    def start(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """f and ∇f at the starting point."""
+        if self.shared is not None and "f0" in self.shared:  # w = 0: the logits are 0, the penalty's gradient too
+            f, g = self.shared["f0"]
+            self.z = torch.zeros(self.n, self.rows, dtype=self.x.dtype, device=w.device)
+            return f, g.clone()
+        self.z = self._logits(w)
+        f, r = self._data(self.z)
+        f, g = f + self._penalty(w), self._grad(w, r)
+        if self.shared is not None:
+            self.shared["f0"] = (f, g.clone())
+        return f, g
+
+    def line(self, w: torch.Tensor, d: torch.Tensor) -> Callable[[float], tuple[float, float]]:
+        """phi(a) = (f(w + a d), f'(w + a d)·d); the last trial is kept for `accept`."""
+        first = self.shared is not None and self.lines == 0
+        self.lines += 1
+        if first and "zd" in self.shared:
+            zd = self.shared["zd"]
         else:
-            ls = torch.log_softmax(z, 1)
-            f = -ls[idx, y].sum(dtype=state) / n
-            r = ls.exp_()
-            r[idx, y] -= 1.0
-        g = torch.empty_like(w)
-        g[:, :d] = (r.t() @ x).to(state) / n + lam * wm
-        g[:, d] = r.sum(0, dtype=state) / n
-        return float(f) + 0.5 * lam * float((wm * wm).sum()), g
+            zd = self._logits(d)
+            if first:
+                self.shared["zd"] = zd
+        wm, dm = (v.view(self.rows, -1)[:, : self.d].flatten() for v in (w, d))
+        ww, wd, dd = float(torch.dot(wm, wm)), float(torch.dot(wm, dm)), float(torch.dot(dm, dm))
 
-    w0 = torch.zeros(rows, d + 1, dtype=state, device=x.device) if start is None else start.to(state).clone()
-    return lbfgs(loss_grad, w0, tol, max_iter)
+        def phi(a: float) -> tuple[float, float]:
+            z = torch.add(self.z, zd, alpha=a)
+            f, r = self._data(z)
+            self.trial = a, z, r, f + 0.5 * self.lam * (ww + 2 * a * wd + a * a * dd)
+            slope = float((r * zd).sum(dtype=self.state)) / self.n + self.lam * (wd + a * dd)
+            return self.trial[3], slope
+
+        return phi
+
+    def accept(self, w: torch.Tensor, d: torch.Tensor, a: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Move to w + a d, the last trial of the line: (w, f, ∇f)."""
+        ta, self.z, r, f = self.trial
+        assert ta == a, "the accepted step is the line search's last trial"
+        w = torch.add(w, d, alpha=a)
+        return w, f, self._grad(w, r)
 
 
 EPS = float(np.finfo(np.float64).eps)
 
 
-def lbfgs(
-    loss_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
-    w: torch.Tensor,
-    tol: float = 1e-4,
-    max_iter: int = 1000,
-    memory: int = 10,
-    max_ls: int = 50,
-) -> torch.Tensor:
-    """Minimise with L-BFGS-B's unconstrained iteration as scipy runs it for scikit-learn (lbfgsb.f mainlb /
-    lnsrlb): direction −H∇f (two-loop recursion, H0 = sᵀy/yᵀy of the last update; −∇f while the memory is
-    empty), first step min(1/||d||, 1e10) then 1, Moré–Thuente line search; updates with sᵀy <= eps·(−∇fᵀs) are
-    skipped; a failed line search clears the memory and retries (or stops if it was already empty)."""
-    f, g = loss_grad(w)
-    if float(g.abs().max()) <= tol:
+def lbfgs(obj, w: torch.Tensor, tol: float = 1e-4, max_iter: int = 1000, memory: int = 10, max_ls: int = 50):
+    """Minimise the objective `obj` (start / line / accept, as _Logistic) from the flat vector w with
+    L-BFGS-B's unconstrained iteration as scipy runs it for scikit-learn (lbfgsb.f mainlb / lnsrlb):
+    direction −H∇f (H the limited-memory BFGS inverse of the last `memory` pairs, H0 = sᵀy/yᵀy of the last
+    update; −∇f while the memory is empty), first step min(1/||d||, 1e10) then 1, Moré–Thuente line search
+    (at most max_ls evaluations); updates with sᵀy <= eps·(−∇fᵀs) are skipped; a failed line search clears the
+    memory and retries (or stops if it was already empty); stops when max|∇f| <= tol, when f falls by at most
+    64 eps relative, or after max_iter iterations."""
+    f, g = obj.start(w)
+    if float(torch.linalg.vector_norm(g, math.inf)) <= tol:
         return w
-    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, sᵀy)
+    mem = _Memory(memory, len(w), w.dtype, w.device)
     it = 0
     while it < max_iter:
-        d = -_two_loop(g, pairs)
-        gd = float((g * d).sum())
-        stp = min(1.0 / float(d.norm()), 1e10) if it == 0 else 1.0
-        trial: dict = {}
-
-        def phi(a: float, w=w, d=d, trial=trial) -> tuple[float, float]:
-            wa = w + d if a == 1.0 else w + a * d
-            fa, ga = loss_grad(wa)
-            trial.update(w=wa, f=fa, g=ga)
-            return fa, float((ga * d).sum())
-
-        stp = more_thuente(phi, f, gd, stp, 1e10, max_ls) if gd < 0 else None
+        d = mem.direction(g)
+        gd = float(torch.dot(g, d))
+        stp = min(1.0 / float(torch.linalg.vector_norm(d)), 1e10) if it == 0 else 1.0
+        stp = more_thuente(obj.line(w, d), f, gd, stp, 1e10, max_ls) if gd < 0 else None
         if stp is None:  # no acceptable step: keep the iterate; restart from steepest descent, or stop
-            if not pairs:
+            if not mem.order:
                 break
-            pairs.clear()
+            mem.clear()
             continue
         f_old, g_old = f, g
-        w, f, g = trial["w"], trial["f"], trial["g"]
+        w, f, g = obj.accept(w, d, stp)
         it += 1
-        if float(g.abs().max()) <= tol or f_old - f <= 64 * EPS * max(abs(f_old), abs(f), 1.0):
+        if float(torch.linalg.vector_norm(g, math.inf)) <= tol or f_old - f <= 64 * EPS * max(abs(f_old), abs(f), 1):
             break
-        sy = (float((g * d).sum()) - gd) * stp
+        sy = (float(torch.dot(g, d)) - gd) * stp
         if sy > EPS * (-gd * stp):
-            pairs.append((stp * d, g - g_old, sy))
-            if len(pairs) > memory:
-                pairs.pop(0)
+            mem.push(d.mul_(stp), g - g_old, sy)
     return w
 
 
-def _two_loop(g: torch.Tensor, pairs: list) -> torch.Tensor:
-    """H g for the L-BFGS inverse Hessian of the stored (s, y) pairs, oldest first."""
-    q = g.clone()
-    if not pairs:
-        return q
-    alphas = []
-    for s, y, sy in reversed(pairs):
-        a = float((s * q).sum()) / sy
-        alphas.append(a)
-        q.add_(y, alpha=-a)
-    s, y, sy = pairs[-1]
-    q.mul_(sy / float((y * y).sum()))
-    for (s, y, sy), a in zip(pairs, reversed(alphas), strict=True):
-        q.add_(s, alpha=a - float((y * q).sum()) / sy)
-    return q
+class _Memory:
+    """The (s, y) pairs of L-BFGS in one [2m, P] buffer (s rows, then y rows; slots reused oldest first) with
+    their small Gram blocks, so that H g is two matrix-vector products and an m x m triangular solve, in the
+    compact form of Byrd, Nocedal and Schnabel (1994) that L-BFGS-B uses:
+        H g = γ g + S p − γ Y u,  u = R⁻¹ Sᵀg,  p = R⁻ᵀ((D + γ YᵀY) u − γ Yᵀg),
+    R the upper triangle of SᵀY, D its diagonal, γ = sᵀy / yᵀy of the newest pair."""
+
+    def __init__(self, m: int, size: int, dtype: torch.dtype, device: torch.device):
+        self.m = m
+        self.buf = torch.zeros(2 * m, size, dtype=dtype, device=device)  # unused slots: 0, never NaN in addmv
+        self.sty = torch.zeros(m, m, dtype=torch.float64)  # [i, j] = s_iᵀ y_j, by slot
+        self.yty = torch.zeros(m, m, dtype=torch.float64)
+        self.order: list[int] = []  # slots, oldest first
+
+    def clear(self) -> None:
+        self.order = []
+
+    def push(self, s: torch.Tensor, y: torch.Tensor, sy: float) -> None:
+        k = self.order.pop(0) if len(self.order) == self.m else next(i for i in range(self.m) if i not in self.order)
+        self.buf[k], self.buf[self.m + k] = s, y
+        self.order.append(k)
+        col = torch.mv(self.buf, y).to(device="cpu", dtype=torch.float64)
+        self.sty[:, k], self.yty[:, k], self.yty[k, :] = col[: self.m], col[self.m :], col[self.m :]
+        self.sty[k, k] = sy  # lbfgsb's matupd stores sᵀy as computed by the line search
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        """−H g."""
+        if not self.order:
+            return -g
+        o = torch.tensor(self.order)
+        ab = torch.mv(self.buf, g).to(device="cpu", dtype=torch.float64)
+        a, yg = ab[o], ab[self.m + o]
+        r = self.sty[o][:, o].triu()
+        yy = self.yty[o][:, o]
+        gamma = float(r[-1, -1] / yy[-1, -1])
+        u = torch.linalg.solve_triangular(r, a[:, None], upper=True)
+        p = torch.linalg.solve_triangular(r.t(), (r.diagonal()[:, None] * u + gamma * yy @ u - gamma * yg[:, None]),
+                                          upper=False)  # fmt: skip
+        coef = torch.zeros(2 * self.m, dtype=torch.float64)
+        coef[o], coef[self.m + o] = p[:, 0], -gamma * u[:, 0]
+        return torch.addmv(g, self.buf.t(), coef.to(device=g.device, dtype=g.dtype), beta=gamma).neg_()
 
 
 def more_thuente(

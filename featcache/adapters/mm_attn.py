@@ -49,7 +49,9 @@ class MMAttnConfig(TrainConfig):
         metadata={
             "help": "weight on the adapter output (CLI: --lambda); v' = n((1-lambda) v + lambda n(o)). 0.2 on the "
             "adapter output reproduces the published setup (the reference code, like CLIP-Adapter); the paper's "
-            "formula reads the other way round (lambda on the original embedding)"
+            "formula reads the other way round (lambda on the original embedding)",
+            "ge": 0,
+            "le": 1,
         },
     )
     mask: str = field(
@@ -57,13 +59,16 @@ class MMAttnConfig(TrainConfig):
         metadata={
             "help": "bias: the reference code's float 0/1 mask, which PyTorch adds to the scores (+1 on "
             "text<->image pairs, nothing masked; reproduces the published table). hard: the paper's mask, each "
-            "text token attends only to the image token and the image token only to the text tokens"
+            "text token attends only to the image token and the image token only to the text tokens",
+            "choices": list(MASKS),
         },
     )
-    bottleneck: int = field(default=32, metadata={"help": "inner width of the down- and upsampler"})
-    width: int = field(default=128, metadata={"help": "attention width"})
-    heads: int = field(default=4, metadata={"help": "attention heads (must divide width)"})
-    logit_scale: float = field(default=100.0, metadata={"help": "multiplier on the cosine logits (CLIP's 100)"})
+    bottleneck: int = field(default=32, metadata={"help": "inner width of the down- and upsampler", "ge": 1})
+    width: int = field(default=128, metadata={"help": "attention width", "ge": 1})
+    heads: int = field(default=4, metadata={"help": "attention heads (must divide width)", "ge": 1})
+    logit_scale: float = field(
+        default=100.0, metadata={"help": "multiplier on the cosine logits (CLIP's 100)", "gt": 0}
+    )
     # reference training (paper notebooks)
     optimizer: str = field(default="adam", metadata={"help": "adam, adamw or sgd"})
     lr: float = field(default=5e-3, metadata={"help": "learning rate"})

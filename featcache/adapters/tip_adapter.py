@@ -30,23 +30,33 @@ DATASET_DEFAULTS = {
 
 @dataclass
 class TipAdapterConfig(TrainConfig):
-    alpha: float = field(default=1.17, metadata={"help": "initial residual weight of the cache (per-dataset default)"})
-    beta: float = field(default=1.0, metadata={"help": "initial sharpness of the cache affinities"})
-    search_scale: list = field(default_factory=lambda: [7.0, 3.0], metadata={"help": "search ranges [beta, alpha]"})
-    search_steps: list = field(default_factory=lambda: [200, 20], metadata={"help": "grid points [beta, alpha]"})
+    alpha: float = field(
+        default=1.17, metadata={"help": "initial residual weight of the cache (per-dataset default)", "ge": 0}
+    )
+    beta: float = field(default=1.0, metadata={"help": "initial sharpness of the cache affinities", "ge": 0})
+    search_scale: list = field(
+        default_factory=lambda: [7.0, 3.0], metadata={"help": "search ranges [beta, alpha]", "gt": 0}
+    )
+    search_steps: list = field(
+        default_factory=lambda: [200, 20], metadata={"help": "grid points [beta, alpha]", "ge": 1}
+    )
     search: bool = field(default=True, metadata={"help": "search alpha, beta on val (false: keep the initial ones)"})
-    keys_from: str = field(default="auto", metadata={"help": "auto (mean of augmented views if stored), clean, aug"})
-    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)"})
+    keys_from: str = field(
+        default="auto",
+        metadata={"help": "auto (mean of augmented views if stored), clean, aug", "choices": ["auto", "clean", "aug"]},
+    )
+    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0})
     precision: str = field(
         default="fp32",
         metadata={
             "help": "fp32: exact. bf16: the image-key affinity matmuls (forward, and Tip-Adapter-F's key gradient) "
             "take bfloat16 inputs and round the affinities to bfloat16 (|error| <= 2^-9); keys, optimiser and the "
             "rest stay float32. The reference runs its whole model in float16 on GPU (clip_model.dtype); bf16 "
-            "is the CPU's fast reduced precision (about 3x faster matmuls on avx512_bf16)"
+            "is the CPU's fast reduced precision (about 3x faster matmuls on avx512_bf16)",
+            "choices": ["fp32", "bf16"],
         },
     )
-    epochs: int = field(default=0, metadata={"help": "training-free"})
+    epochs: int = field(default=0, metadata={"help": "training-free", "ge": 0})
 
     @staticmethod
     def dataset_defaults(dataset: str) -> dict:

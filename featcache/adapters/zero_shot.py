@@ -12,14 +12,18 @@ from .base import Adapter, TrainConfig, register
 
 @dataclass
 class ZeroShotConfig(TrainConfig):
-    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)"})
-    epochs: int = field(default=0, metadata={"help": "nothing to train"})
+    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0})
+    epochs: int = field(default=0, metadata={"help": "nothing to train", "ge": 0})
     pool: str = field(
         default="mean",
-        metadata={"help": "retrieval, videos: frame pooling, mean (CLIP4Clip meanP) or softmax (text-conditioned)"},
+        metadata={
+            "help": "retrieval, videos: frame pooling, mean (CLIP4Clip meanP) or softmax (text-conditioned)",
+            "choices": ["mean", "softmax"],
+        },
     )
     temperature: float = field(
-        default=5.0, metadata={"help": "retrieval, softmax pooling: weights softmax(temperature * caption.frame)"}
+        default=5.0,
+        metadata={"help": "retrieval, softmax pooling: weights softmax(temperature * caption.frame)", "ge": 0},
     )
 
 

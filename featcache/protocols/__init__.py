@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ def sample_per_class(labels: Sequence[int], k: int, rng: random.Random) -> list[
     return out
 
 
+def check_shots(shots: int) -> None:
+    """Training rows per class: K >= 1, or 0 for every row. Negative counts meant "all" once, by accident; they
+    are refused so that a record's shots always says what was drawn."""
+    if isinstance(shots, bool) or not isinstance(shots, numbers.Integral) or shots < 0:
+        raise MethodError(f"shots must be a whole number >= 0 (0: every training row), got {shots!r}")
+
+
 def fewshot_draw(
     train_labels: Sequence[int],
     val_labels: Sequence[int] | None,
@@ -58,7 +66,8 @@ def fewshot_draw(
 
     val_draw: "dassl" (min(K, 4) per class, with the random state the train draw left), "k-shot" (K per class,
     the same way: LP++ and ProLIP's K-shot val), "full" (every row: the whole val split, or every unused train
-    row); the train rows are the same whichever is asked."""
+    row); the train rows are the same whichever is asked. shots 0 takes every training row; negative is refused."""
+    check_shots(shots)
     if val_draw not in VAL_DRAWS:
         raise MethodError(f"unknown val_draw '{val_draw}'; use one of: {', '.join(VAL_DRAWS)}")
     if shots >= 1 and not allow_short_classes:

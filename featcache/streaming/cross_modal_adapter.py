@@ -40,37 +40,61 @@ _ACTIVATIONS = {
 
 @dataclass
 class CrossModalAdapterConfig:
-    reduction: int = field(default=8, metadata={"help": "bottleneck width r (reference adapter_reduction_dims)"})
+    reduction: int = field(
+        default=8, metadata={"help": "bottleneck width r (reference adapter_reduction_dims)", "ge": 1}
+    )
     share_dim: int = field(
         default=16,
-        metadata={"help": "d_s: last output channels of each up-projection shared by vision and text (0: unshared)"},
+        metadata={
+            "help": "d_s: last output channels of each up-projection shared by vision and text (0: unshared)",
+            "ge": 0,
+        },
     )
-    init_std: float = field(default=0.01, metadata={"help": "trunc-normal std of the adapter weights (biases zero)"})
-    activation: str = field(default="quick_gelu", metadata={"help": "bottleneck activation: quick_gelu | gelu | relu"})
+    init_std: float = field(
+        default=0.01, metadata={"help": "trunc-normal std of the adapter weights (biases zero)", "ge": 0}
+    )
+    activation: str = field(
+        default="quick_gelu",
+        metadata={"help": "bottleneck activation: quick_gelu | gelu | relu", "choices": list(_ACTIVATIONS)},
+    )
     # reference training (CLIP4Clip-style retrieval, MSR-VTT)
     optimizer: str = field(
         default="bertadam",
-        metadata={"help": "BertAdam: Adam without bias correction, decoupled weight decay, betas/eps below"},
+        metadata={
+            "help": "BertAdam: Adam without bias correction, decoupled weight decay, betas/eps below; or adamw",
+            "choices": ["bertadam", "adamw"],
+        },
     )
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
-    beta2: float = field(default=0.98, metadata={"help": "Adam beta2"})
-    eps: float = field(default=1e-6, metadata={"help": "Adam epsilon"})
-    weight_decay: float = field(default=0.2, metadata={"help": "weight decay on adapter weights (biases get none)"})
-    warmup: float = field(default=0.1, metadata={"help": "warm-up proportion of all steps, then cosine (lr_at)"})
-    clip_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip before each step (0: off)"})
-    epochs: int = field(default=5, metadata={"help": "epochs"})
-    batch_size: int = field(default=128, metadata={"help": "caption-video pairs per step"})
-    max_frames: int = field(default=12, metadata={"help": "frames per video (sampled uniformly at 1 fps)"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate", "gt": 0})
+    beta1: float = field(default=0.9, metadata={"help": "Adam beta1", "ge": 0, "lt": 1})
+    beta2: float = field(default=0.98, metadata={"help": "Adam beta2", "ge": 0, "lt": 1})
+    eps: float = field(default=1e-6, metadata={"help": "Adam epsilon", "gt": 0})
+    weight_decay: float = field(
+        default=0.2, metadata={"help": "weight decay on adapter weights (biases get none)", "ge": 0}
+    )
+    warmup: float = field(
+        default=0.1, metadata={"help": "warm-up proportion of all steps, then cosine (lr_at)", "ge": 0, "le": 1}
+    )
+    clip_grad_norm: float = field(
+        default=1.0, metadata={"help": "gradient-norm clip before each step (0: off)", "ge": 0}
+    )
+    epochs: int = field(default=5, metadata={"help": "epochs; 0: evaluate the untrained method", "ge": 0})
+    batch_size: int = field(default=128, metadata={"help": "caption-video pairs per step", "ge": 1})
+    max_frames: int = field(default=12, metadata={"help": "frames per video (sampled uniformly at 1 fps)", "ge": 1})
     frame_pooling: str = field(
-        default="mean", metadata={"help": "frame features -> video feature: mean | softmax (text-conditioned)"}
+        default="mean",
+        metadata={
+            "help": "frame features -> video feature: mean | softmax (text-conditioned)",
+            "choices": ["mean", "softmax"],
+        },
     )
     softmax_temperature: float = field(
         default=5.0,
-        metadata={"help": "temperature of the text-conditioned softmax over frames (reference q_score_temp)"},
+        metadata={"help": "temperature of the text-conditioned softmax over frames (reference q_score_temp)", "ge": 0},
     )
     logit_scale: float | None = field(
-        default=None, metadata={"help": "None: the model's own frozen logit_scale.exp(); a number overrides it"}
+        default=None,
+        metadata={"help": "None: the model's own frozen logit_scale.exp(); a number overrides it", "gt": 0},
     )
 
 

@@ -23,18 +23,22 @@ from .inject import BlockWrapper, Injected, grad_scale, text_tower, vision_tower
 
 @dataclass
 class LayerMMAConfig:
-    first_block: int = field(default=5, metadata={"help": "first adapted block, 1-indexed (blocks 5-12 in ViT-B)"})
-    bottleneck: int = field(default=32, metadata={"help": "adapter width"})
-    scale: float = field(default=1e-3, metadata={"help": "output scale s (gradients to the adapter stay unscaled)"})
+    first_block: int = field(
+        default=5, metadata={"help": "first adapted block, 1-indexed (blocks 5-12 in ViT-B)", "ge": 1}
+    )
+    bottleneck: int = field(default=32, metadata={"help": "adapter width", "ge": 1})
+    scale: float = field(
+        default=1e-3, metadata={"help": "output scale s (gradients to the adapter stay unscaled)", "gt": 0}
+    )
     template: str = field(default="a photo of a {}.", metadata={"help": "hard text prompt"})
     # reference training
-    optimizer: str = field(default="sgd", metadata={"help": "optimizer"})
-    lr: float = field(default=0.0015, metadata={"help": "learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
-    epochs: int = field(default=5, metadata={"help": "epochs"})
-    batch_size: int = field(default=16, metadata={"help": "images per step (128 for ImageNet)"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine over all epochs"})
+    optimizer: str = field(default="sgd", metadata={"help": "optimizer (the reference's SGD)", "choices": ["sgd"]})
+    lr: float = field(default=0.0015, metadata={"help": "learning rate", "gt": 0})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "ge": 0, "le": 1})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay", "ge": 0})
+    epochs: int = field(default=5, metadata={"help": "epochs; 0: evaluate the untrained method", "ge": 0})
+    batch_size: int = field(default=16, metadata={"help": "images per step (128 for ImageNet)", "ge": 1})
+    schedule: str = field(default="cosine", metadata={"help": "cosine over all epochs", "choices": ["cosine"]})
 
 
 def _kaiming(layer: nn.Linear) -> nn.Linear:

@@ -25,16 +25,18 @@ from .inject import BlockWrapper, Injected, SubmoduleWrapper, text_tower, vision
 
 @dataclass
 class MaPLeConfig:
-    n_ctx: int = field(default=2, metadata={"help": "context tokens per prompt"})
-    depth: int = field(default=9, metadata={"help": "prompt depth (3 for cross-dataset / DG)"})
+    n_ctx: int = field(default=2, metadata={"help": "context tokens per prompt", "ge": 1})
+    depth: int = field(default=9, metadata={"help": "prompt depth (3 for cross-dataset / DG)", "ge": 1})
     ctx_init: str = field(default="a photo of a", metadata={"help": "initial words; the first n_ctx are learned"})
     # reference training
-    optimizer: str = field(default="sgd", metadata={"help": "optimizer"})
-    lr: float = field(default=0.0035, metadata={"help": "learning rate (0.0026 for cross-dataset / DG)"})
-    epochs: int = field(default=5, metadata={"help": "epochs (2 for cross-dataset / DG)"})
-    batch_size: int = field(default=4, metadata={"help": "images per step"})
-    warmup_epochs: int = field(default=1, metadata={"help": "constant warm-up epochs at 1e-5"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine after warm-up"})
+    optimizer: str = field(default="sgd", metadata={"help": "optimizer (the reference's SGD)", "choices": ["sgd"]})
+    lr: float = field(default=0.0035, metadata={"help": "learning rate (0.0026 for cross-dataset / DG)", "gt": 0})
+    epochs: int = field(
+        default=5, metadata={"help": "epochs (2 for cross-dataset / DG); 0: evaluate the untrained method", "ge": 0}
+    )
+    batch_size: int = field(default=4, metadata={"help": "images per step", "ge": 1})
+    warmup_epochs: int = field(default=1, metadata={"help": "constant warm-up epochs at 1e-5", "ge": 0})
+    schedule: str = field(default="cosine", metadata={"help": "cosine after warm-up", "choices": ["cosine"]})
 
 
 class MaPLe(Injected):

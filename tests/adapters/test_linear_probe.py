@@ -113,9 +113,9 @@ def test_each_c_is_solved_once_and_warm_starts_come_from_the_nearest_c(monkeypat
     calls = []
     real = lp.fit_logistic
 
-    def spy(x, y, k, c, tol, max_iter, start, state):
+    def spy(x, y, k, c, tol, max_iter, start, state, shared):
         calls.append((c, None if start is None else start.clone()))
-        out = real(x, y, k, c, tol, max_iter, start, state)
+        out = real(x, y, k, c, tol, max_iter, start, state, shared)
         solved[c] = out
         return out
 
@@ -131,6 +131,15 @@ def test_each_c_is_solved_once_and_warm_starts_come_from_the_nearest_c(monkeypat
     for i, (c, start) in enumerate(calls[1:], 1):
         near = min((d for d, _ in calls[:i]), key=lambda d: abs(math.log(d) - math.log(c)))
         torch.testing.assert_close(start, solved[near], rtol=0, atol=0)
+
+
+def test_shared_first_evaluations_change_nothing():
+    data, _, _ = _problem()
+    shared: dict = {}
+    for c in (1e4, 1.0, 30.0):
+        alone = lp.fit_logistic(data.train_x, data.train_y, 6, c)
+        assert torch.equal(lp.fit_logistic(data.train_x, data.train_y, 6, c, shared=shared), alone)
+    assert sorted(shared) == ["f0", "zd"]
 
 
 def test_warm_and_cold_starts_reach_the_same_minimum_when_converged():
@@ -154,9 +163,9 @@ def test_line_search_satisfies_the_strong_wolfe_conditions():
 
 
 def test_options_are_checked():
-    with pytest.raises(MethodError, match="solver must be torch or sklearn"):
+    with pytest.raises(MethodError, match="solver.*must be one of torch, sklearn"):
         create_adapter("linear-probe", solver="newton")
-    with pytest.raises(MethodError, match="dtype must be one of float32, float64"):
+    with pytest.raises(MethodError, match="dtype.*must be one of float32, float64"):
         create_adapter("linear-probe", dtype="bfloat16")
 
 
