@@ -372,10 +372,8 @@ def fit(
 ) -> None:
     """Fit a method under a protocol, print its metrics, record and save it. Embedding-level methods train on
     a store; layer-mma and maple stream the dataset's images through the backbone."""
+    from featcache.adapters import list_adapters
     from featcache.api import fit_method
-    from featcache.streaming.retrieval_trainer import METHODS as RETRIEVAL
-    from featcache.streaming.retrieval_trainer import fit_retrieval_streaming
-    from featcache.streaming.trainer import METHODS, fit_streaming
 
     with _user_errors():
         _at_least("--shots", shots, 0, why=" (0: every training row)")
@@ -386,30 +384,35 @@ def fit(
         options = _parse_sets(sets)
         if lam is not None:
             options["lam"] = lam  # a method option: its declared bounds (and finiteness) apply
-        if adapter in RETRIEVAL:
-            if dataset is None or backbone is None:
-                raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
-            if protocol != "retrieval":
-                raise FeatcacheError(f"{adapter} is a retrieval method: pass --protocol retrieval")
-            rec = fit_retrieval_streaming(
-                adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
-                seed=seed, options=options, device=device, workers=workers, results=results, save=save,
-            )  # fmt: skip
-            if os.environ.get("RANK", "0") == "0":
-                _print_record(rec)
-            return
-        if adapter in METHODS:
-            if dataset is None or backbone is None:
-                raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
-            rec = fit_streaming(
-                adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
-                protocol=protocol, shots=shots, seed=seed, options=options, device=device, workers=workers,
-                results=results, save=save, allow_short_classes=allow_short_classes, cache_layer=cache_layer,
-                cache_dir=cache_dir,
-            )  # fmt: skip
-            if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
-                _print_record(rec)
-            return
+        if adapter not in list_adapters():  # a full-backbone method: its modules (backbone code) load only here
+            from featcache.streaming.retrieval_trainer import METHODS as RETRIEVAL
+            from featcache.streaming.retrieval_trainer import fit_retrieval_streaming
+            from featcache.streaming.trainer import METHODS, fit_streaming
+
+            if adapter in RETRIEVAL:
+                if dataset is None or backbone is None:
+                    raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
+                if protocol != "retrieval":
+                    raise FeatcacheError(f"{adapter} is a retrieval method: pass --protocol retrieval")
+                rec = fit_retrieval_streaming(
+                    adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
+                    seed=seed, options=options, device=device, workers=workers, results=results, save=save,
+                )  # fmt: skip
+                if os.environ.get("RANK", "0") == "0":
+                    _print_record(rec)
+                return
+            if adapter in METHODS:
+                if dataset is None or backbone is None:
+                    raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
+                rec = fit_streaming(
+                    adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
+                    protocol=protocol, shots=shots, seed=seed, options=options, device=device, workers=workers,
+                    results=results, save=save, allow_short_classes=allow_short_classes, cache_layer=cache_layer,
+                    cache_dir=cache_dir,
+                )  # fmt: skip
+                if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+                    _print_record(rec)
+                return
         run = fit_method(
             adapter, dataset=dataset, backbone=backbone, name=name, cache_dir=cache_dir, split_scheme=split_scheme,
             protocol=protocol, shots=shots, seed=seed, template=template, options=options, val_from=val_from,

@@ -6,6 +6,7 @@ CoOp/Dassl. Nothing here knows about protocols; it only lists and decodes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -170,6 +171,7 @@ def resolve_split(manifest: Manifest, scheme: Scheme, split: str, data_root: str
         "list_file": _list_file,
         "torchvision": _torchvision,
         "sklearn_digits": _sklearn_digits,
+        "webdataset": _webdataset,
     }[kind]
     out = reader(manifest, scheme, split, root)
     want = scheme.counts.get(split)
@@ -255,6 +257,17 @@ def _list_file(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> Sp
         items.append(Item(rel, index[key], str(base / rel)))
     check_inside(root, [it.id for it in items], "list file item", [base])
     return SplitItems(split, items)
+
+
+def _webdataset(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> SplitItems:
+    """Tar shards: the label of each sample is its `cls` member (featcache.webdataset_source)."""
+    from .webdataset_source import parse_label, read_shards
+
+    src, where = scheme.source, f"{manifest.id} ({scheme.name}) {split}"
+    missing = functools.partial(_missing, manifest, scheme)
+    rows, images = read_shards(root, src["splits"][split], src, src.get("label_key", "cls"), where, missing)
+    items = [Item(r.id, parse_label(r.text, r.id, where), i) for i, r in enumerate(rows)]
+    return SplitItems(split, items, images)
 
 
 def _torchvision(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> SplitItems:

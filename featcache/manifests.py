@@ -24,8 +24,10 @@ SOURCE_KINDS = {
     "karpathy_json": {"annotation_file": str, "image_dirs": list, "splits": dict},
     "caption_file": {"image_dirs": list, "splits": dict},
     "video_frames": {"frame_dirs": list, "max_frames": int, "splits": dict},
+    "webdataset": {"splits": dict},
 }
 RETRIEVAL_KINDS = ("karpathy_json", "caption_file", "video_frames")
+EITHER_KINDS = ("webdataset",)  # classification (`cls` labels) or retrieval (`txt` captions), by the task
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 VIDEO_SPLIT_KEYS = ("pairs", "videos", "captions", "video_column", "caption_column", "captions_key")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -188,7 +190,7 @@ def _parse_scheme(name: str, s: Any, n_classes: int, task: str, bad) -> Scheme:
     kind = src.get("kind")
     if kind not in SOURCE_KINDS:
         raise bad(f"{pre}.source.kind", f"must be one of {sorted(SOURCE_KINDS)}, got {kind!r}")
-    if (kind in RETRIEVAL_KINDS) != (task == "retrieval"):
+    if kind not in EITHER_KINDS and (kind in RETRIEVAL_KINDS) != (task == "retrieval"):
         other = "retrieval" if kind in RETRIEVAL_KINDS else "classification"
         raise bad(f"{pre}.source.kind", f"'{kind}' is a {other} source, but the manifest's task is '{task}'")
     for key, typ in SOURCE_KINDS[kind].items():
@@ -210,6 +212,8 @@ def _parse_scheme(name: str, s: Any, n_classes: int, task: str, bad) -> Scheme:
                 raise bad(f"{pre}.source.{key}", f"must be a list of {n_classes} strings (one per class)")
     if kind in RETRIEVAL_KINDS:
         _check_retrieval_source(f"{pre}.source", src, bad)
+    if kind == "webdataset":
+        _check_webdataset_source(f"{pre}.source", src, task, bad)
     if "caption_counts" in s and task != "retrieval":
         raise bad(f"{pre}.caption_counts", "is only for retrieval manifests")
     counts = s.get("counts", {})
@@ -316,3 +320,20 @@ def _check_retrieval_source(pre: str, src: dict[str, Any], bad) -> None:
         raise bad(f"{pre}.captions_per_image", f"must be a positive integer or null, got {cpi!r}")
     if kind == "video_frames" and src["max_frames"] < 1:
         raise bad(f"{pre}.max_frames", f"must be a positive integer, got {src['max_frames']!r}")
+
+
+def _check_webdataset_source(pre: str, src: dict[str, Any], task: str, bad) -> None:
+    """Shard patterns per split and the optional member names (featcache.webdataset_source)."""
+    for sp, pattern in src["splits"].items():
+        if not isinstance(pattern, str) or not pattern.endswith(".tar"):
+            raise bad(f"{pre}.splits.{sp}", "must be a shard pattern ending in .tar, e.g. 'shards/{00000..00099}.tar'")
+    keys = src.get("image_keys")
+    if keys is not None and (not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys)):
+        raise bad(f"{pre}.image_keys", "must be a non-empty list of extensions, e.g. ['jpg', 'png', 'webp']")
+    own, other = ("caption_key", "label_key") if task == "retrieval" else ("label_key", "caption_key")
+    if other in src or (task != "retrieval" and "captions" in src):
+        raise bad(f"{pre}.{other if other in src else 'captions'}", f"does not apply to a {task} manifest")
+    if own in src and not (isinstance(src[own], str) and src[own]):
+        raise bad(f"{pre}.{own}", "must be a member extension, e.g. 'cls' or 'txt'")
+    if src.get("captions", "lines") not in ("lines", "whole"):
+        raise bad(f"{pre}.captions", f"must be 'lines' (one caption per line) or 'whole', got {src['captions']!r}")

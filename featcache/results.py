@@ -20,15 +20,23 @@ log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
-    import open_clip
-    import sklearn
+    """Library versions for a record, read from the installed distributions' metadata: importing open_clip (and
+    with it torchvision) or scikit-learn just to ask their version would cost a cached fit seconds of start-up."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def dist(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
     import torch
 
     return {
         "featcache": __version__,
         "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "sklearn": sklearn.__version__,
+        "open_clip": dist("open_clip_torch"),
+        "sklearn": dist("scikit-learn"),
         "python": platform.python_version(),
     }
 

@@ -7,6 +7,7 @@ first, so a wrong annotation file or a partial download fails before any compute
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -40,17 +41,11 @@ def resolve_retrieval_split(manifest: Manifest, scheme: Scheme, split: str, data
     if split not in scheme.splits:
         raise DataError(f"{manifest.id} ({scheme.name}) has no '{split}' split; it has: {', '.join(scheme.splits)}")
     kind = scheme.source["kind"]
+    if kind == "webdataset":
+        return _webdataset(manifest, scheme, split, root)
     reader = {"karpathy_json": _karpathy, "caption_file": _caption_file, "video_frames": _video_captions}[kind]
     items, caps = reader(manifest, scheme, split, root)
-    for what, n, want in (
-        ("items", len(items), scheme.counts.get(split)),
-        ("captions", sum(map(len, caps)), scheme.caption_counts.get(split)),
-    ):
-        if want is not None and n != want:
-            raise DataError(
-                f"{manifest.id} ({scheme.name}) {split}: found {n} {what}, expected {want}; the annotation files "
-                f"are partial or not the ones the manifest describes. {scheme.instructions}".strip()
-            )
+    _check_counts(manifest, scheme, split, len(items), sum(map(len, caps)))
     what = {"karpathy_json": "annotation file item", "caption_file": "caption file item", "video_frames": "video id"}
     dirs = scheme.source["frame_dirs" if kind == "video_frames" else "image_dirs"]
     check_inside(root, items, what[kind], [root / d for d in dirs])  # before any file is looked for
@@ -61,6 +56,33 @@ def resolve_retrieval_split(manifest: Manifest, scheme: Scheme, split: str, data
     captions = [c for cs in caps for c in cs]
     caption_item = [i for i, cs in enumerate(caps) for _ in cs]
     return RetrievalSplit(split, items, frames, captions, caption_item)
+
+
+def _webdataset(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> RetrievalSplit:
+    """Tar shards: one item per sample (id `<shard>/<key>`), its captions from its `txt` member."""
+    from .webdataset_source import parse_captions, read_shards
+
+    src, where = scheme.source, f"{manifest.id} ({scheme.name}) {split}"
+    missing = functools.partial(_missing, manifest, scheme)
+    rows, images = read_shards(root, src["splits"][split], src, src.get("caption_key", "txt"), where, missing)
+    caps = [parse_captions(r.text, src.get("captions", "lines") == "lines") for r in rows]
+    _check_counts(manifest, scheme, split, len(rows), sum(map(len, caps)))
+    frames = [Item(r.id, i, i) for i, r in enumerate(rows)]
+    captions = [c for cs in caps for c in cs]
+    caption_item = [i for i, cs in enumerate(caps) for _ in cs]
+    return RetrievalSplit(split, [r.id for r in rows], frames, captions, caption_item, images)
+
+
+def _check_counts(manifest: Manifest, scheme: Scheme, split: str, n_items: int, n_captions: int) -> None:
+    for what, n, want in (
+        ("items", n_items, scheme.counts.get(split)),
+        ("captions", n_captions, scheme.caption_counts.get(split)),
+    ):
+        if want is not None and n != want:
+            raise DataError(
+                f"{manifest.id} ({scheme.name}) {split}: found {n} {what}, expected {want}; the annotation files "
+                f"are partial or not the ones the manifest describes. {scheme.instructions}".strip()
+            )
 
 
 def _absent(manifest: Manifest, scheme: Scheme, what: str) -> DataError:

@@ -9,6 +9,13 @@ Layout:
   /splits/<s>/labels    [N] int64
   /splits/<s>/ids       [N] str, item id (relative path or index) of each row
   /splits/<s>/aug       [N, V, D] augmented views (train only, when extracted with --augment-views V)
+  /splits/<s>/norms     [N] float32, the norm of each raw (unnormalised) image feature: raw = features x norms
+  /splits/<s>/aug_norms [N, V] float32, the same for the augmented views (Tip-Adapter averages raw views)
+  /splits/<s>/pre       [N, W] raw pooled vision features before the last projection (--pre-projection; the
+                        image dtype): ViT ln_post(token) before visual.proj, ResNet attnpool before c_proj
+  /splits/<s>/pre_aug   [N, V, W] the same for the augmented views
+  /projection/weight    [W, D] float32 and /projection/bias [D] float32 (zeros for ViT): features are
+                        normalize(pre @ weight + bias); attr `source` names the module (--pre-projection)
   /splits/<s>/skipped   [M] str, "<id>\t<error>" for items dropped by --skip-bad
 
 Retrieval stores (attr extra = {"task": "retrieval", "video": ...}) have no class names or text group; each
@@ -20,7 +27,10 @@ split's rows are the frames (one per image) with `labels` = the index of their i
 
 Every dataset is chunked and carries HDF5's fletcher32 checksum, so a flipped bit on disk is an error on read
 instead of a silently wrong feature; strings are therefore fixed-length UTF-8 (HDF5 filters refuse
-variable-length types). Format 2; format-1 stores (no checksums) must be rebuilt.
+variable-length types). Format 3 (format 2 plus raw-feature norms, optional pre-projection features and the
+`pre_projection` fingerprint field). Format-2 stores still open for reading (they count as extracted without
+--pre-projection, and methods that need raw norms say to re-extract); extending or resuming one needs a rebuild
+(--overwrite). Format-1 stores (no checksums) must be rebuilt.
 
 A store is trusted because its fingerprint matches, never because the file exists. Writers work on
 `<name>.partial` under an inter-process lock (`<name>.lock`) and rename it into place only when every split
@@ -47,7 +57,8 @@ from filelock import FileLock, Timeout
 
 from .errors import FeatcacheError, FingerprintMismatch, StoreError
 
-FORMAT = 2
+FORMAT = 3
+READABLE_FORMATS = ("2", "3")  # format 2 lacks norms and pre-projection features; readers say what is missing
 FINGERPRINT_FIELDS = (
     "featcache_version",
     "backbone",
@@ -60,7 +71,11 @@ FINGERPRINT_FIELDS = (
     "split_scheme",
     "augmentation",
     "dtype",
+    "pre_projection",
 )
+# fields newer than format 2: what an older store's missing attribute means
+FINGERPRINT_DEFAULTS = {"pre_projection": "off"}
+PRE_PROJECTION_FIX = "re-extract with --pre-projection (featcache extract ... --pre-projection --overwrite)"
 log = logging.getLogger(__name__)
 _CHUNK_ROWS = 4096
 # Checksummed chunks are rewritten whole whenever a batch lands in them: 256 KiB chunks keep that rewrite small
@@ -298,7 +313,7 @@ class Store:
     def __init__(self, path: Path, h5: h5py.File):
         self.path = path
         self._h5 = h5
-        self.fingerprint = {k: _attr(h5.attrs.get(k)) for k in FINGERPRINT_FIELDS}
+        self.fingerprint = read_fingerprint(h5.attrs)
         self.extra = json.loads(_attr(h5.attrs.get("extra", "{}")))
 
     @classmethod
@@ -314,13 +329,14 @@ class Store:
         except OSError as e:
             raise StoreError(f"{path}: not a readable HDF5 store ({e}); delete it and extract again") from e
         fmt = _attr(h5.attrs.get("format"))
-        if fmt is not None and str(fmt) != str(FORMAT) and h5.attrs.get("complete", False):
+        if fmt is not None and str(fmt) not in READABLE_FORMATS and h5.attrs.get("complete", False):
             h5.close()
             raise StoreError(
-                f"{path}: written in store format {fmt} by an older featcache; this one reads format {FORMAT} "
-                "(checksummed); rebuild it: rerun the same `featcache extract` (or `featcache import`) with --overwrite"
+                f"{path}: written in store format {fmt} by an older featcache; this one reads formats "
+                f"{', '.join(READABLE_FORMATS)} (checksummed); rebuild it: rerun the same `featcache extract` (or "
+                "`featcache import`) with --overwrite"
             )
-        if str(fmt) != str(FORMAT) or not h5.attrs.get("complete", False):
+        if str(fmt) not in READABLE_FORMATS or not h5.attrs.get("complete", False):
             h5.close()
             raise StoreError(f"{path}: not a complete featcache store; delete it and extract again")
         store = cls(path, h5)
@@ -484,6 +500,12 @@ class Store:
         }
 
 
+def read_fingerprint(attrs: Any) -> dict[str, Any]:
+    """The fingerprint fields of a file's attributes; a field newer than the file takes FINGERPRINT_DEFAULTS."""
+    out = {k: _attr(attrs.get(k)) for k in FINGERPRINT_FIELDS}
+    return {k: FINGERPRINT_DEFAULTS[k] if v is None and k in FINGERPRINT_DEFAULTS else v for k, v in out.items()}
+
+
 def _attr(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode()
@@ -548,7 +570,7 @@ class StoreWriter:
         if self.path.exists() and not overwrite:
             try:
                 with h5py.File(self.path, "r") as old:
-                    found = {k: _attr(old.attrs.get(k)) for k in FINGERPRINT_FIELDS}
+                    found = read_fingerprint(old.attrs)
                     fmt = _attr(old.attrs.get("format"))
             except OSError as e:
                 raise StoreError(f"{self.path}: not a readable HDF5 store ({e}); pass --overwrite to rebuild it") from e
@@ -793,7 +815,7 @@ def partial_problem(tmp: Path, fingerprint: dict[str, str]) -> tuple[str, str] |
             if str(_attr(h5.attrs.get("format"))) != str(FORMAT):
                 return "unfinished", f"store format {_attr(h5.attrs.get('format'))}, not {FORMAT}"
             try:
-                check_fingerprint({k: _attr(h5.attrs.get(k)) for k in FINGERPRINT_FIELDS}, fingerprint, "")
+                check_fingerprint(read_fingerprint(h5.attrs), fingerprint, "")
             except FingerprintMismatch as e:
                 return "unfinished", "made with other settings: " + str(e).split(": ", 1)[-1].split("; ")[0]
             damage = _damage(h5)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
 
@@ -39,12 +38,21 @@ def _owner(model: nn.Module) -> nn.Module:
     return model.text if hasattr(model, "text") else model
 
 
+def _is_text_transformer(owner: nn.Module) -> bool:
+    """Whether `owner` is open_clip's TextTransformer (CustomTextCLIP's tower). open_clip is imported here, not at
+    module level: a model to look at exists only once open_clip is loaded, and commands that read cached features
+    never pay for it (importing featcache.adapters stays free of open_clip and torchvision)."""
+    from open_clip.transformer import TextTransformer
+
+    return isinstance(owner, TextTransformer)
+
+
 def _pool_type(owner: nn.Module) -> str:
-    return owner.pool_type if isinstance(owner, TextTransformer) else owner.text_pool_type
+    return owner.pool_type if _is_text_transformer(owner) else owner.text_pool_type
 
 
 def _eos_id(owner: nn.Module) -> int | None:
-    return getattr(owner, "eos_id" if isinstance(owner, TextTransformer) else "text_eos_id", None)
+    return getattr(owner, "eos_id" if _is_text_transformer(owner) else "text_eos_id", None)
 
 
 def is_open_clip_text(model: nn.Module) -> bool:
@@ -76,7 +84,7 @@ def embed_text(model: nn.Module, tokens: torch.Tensor) -> TextInput:
     if not is_open_clip_text(model):
         raise TypeError("EOT truncation needs open_clip's own text transformer (HF text towers are not supported)")
     tokens = tokens[:, : truncated_length(model, tokens)]
-    if isinstance(owner, TextTransformer):  # CustomTextCLIP: its own _embeds (CLS, pad mask, position slicing)
+    if _is_text_transformer(owner):  # CustomTextCLIP: its own _embeds (CLS, pad mask, position slicing)
         x, mask = owner._embeds(tokens)
     else:  # CLIP.encode_text's embedding, with the positional embedding cut to the length
         cast = owner.transformer.get_cast_dtype()
@@ -104,6 +112,8 @@ def text_head(model: nn.Module, inp: TextInput) -> torch.Tensor:
     if getattr(owner, "cls_emb", None) is not None:  # CoCa: the appended CLS, normalised after pooling
         pooled = owner.ln_final(x[:, -1])
     else:
+        from open_clip.transformer import text_global_pool
+
         pooled = text_global_pool(owner.ln_final(x), inp.tokens, _pool_type(owner), eos_token_id=_eos_id(owner))
     proj = owner.text_projection
     if proj is None:

@@ -272,7 +272,7 @@ def test_refused_overwrite_leaves_the_old_store_byte_identical(tmp_path, tiny, m
 def test_cli_negative_augment_views_is_a_bad_value_not_a_bad_image(tmp_path):
     r = CliRunner().invoke(app, ["extract", "--dataset", "digits", "--backbone", TINY, "--cache-dir", str(tmp_path),
                                  "--augment-views", "-2", "--workers", "0", "--quiet"])  # fmt: skip
-    assert r.exit_code == 1 and r.stderr.strip() == "error: --augment-views must be 0 or more, got -2", r.stderr
+    assert r.exit_code == 1 and r.stderr.strip() == "error: --augment-views must be >= 0, got -2", r.stderr
     assert not any(tmp_path.rglob("*.h5*"))
 
 
