@@ -44,6 +44,19 @@ def atomic_write(path: str | Path, write_fn: Callable[[IO[bytes]], Any]) -> Path
     return path
 
 
+def durable_rename(tmp: str | Path, path: str | Path) -> Path:
+    """Move a finished file (an HDF5 store or token cache closed by its writer) onto `path` so that a power cut
+    after the call cannot leave a complete-looking but empty file: fsync its content, rename, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+    return Path(path)
+
+
 def write_json(path: str | Path, obj: Any, indent: int | None = None) -> Path:
     """`obj` as JSON at `path`, atomically (see atomic_write)."""
     data = json.dumps(obj, indent=indent, default=str).encode()

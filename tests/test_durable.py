@@ -173,3 +173,5 @@ def test_resumed_streaming_run_keeps_its_id_and_sums_fit_seconds(tmp_path, monke
     assert saved["run_id"] == state["run_id"] and saved["fit_seconds"] == rec.fit_seconds
     assert json.loads((tmp_path / "run" / "run.json").read_text())["run_id"] == state["run_id"]
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "run.json", "state.pt"]
+    again = fit_streaming("layer-mma", **tiny, results=tmp_path / "r.jsonl")  # rerun of the finished run
+    assert again.run_id == rec.run_id and len(read_records(tmp_path / "r.jsonl")) == 1  # counted once

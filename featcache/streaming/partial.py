@@ -14,7 +14,6 @@ Disk cost per image and view: tokens x width x 2 bytes; ViT-B/16 at L = 4: 197 x
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
@@ -27,6 +26,7 @@ from ..backbones import Backbone, load_backbone
 from ..data import ImageDataset, augment_transform, collate, default_data_root, resolve_split
 from ..errors import DataError, StoreError
 from ..extract import augmentation_tag, store_path
+from ..fsio import durable_rename
 from ..manifests import load_manifest
 from ..store import (
     StoreLock,
@@ -124,9 +124,10 @@ def extract_tokens(
             _write_tokens(f, bb, manifest, scheme.name, layer, resolved, (T, W), aug, augment_views, augment_seed,
                           batch_size, workers, progress)  # fmt: skip
             f.close()
-            os.replace(tmp, path)
+            durable_rename(tmp, path)
         except BaseException as e:  # close without flushing again (see store.close_after_failure)
             close_after_failure(f)
+            tmp.unlink(missing_ok=True)  # not resumable: a half-written token cache is only wasted disk
             if isinstance(e, (OSError, RuntimeError)) and os_errno(e) is not None:  # the OS said no: one line
                 raise write_error(e, path, resumable=False) from e
             raise

@@ -32,7 +32,7 @@ from ..evaluate import accuracy, harmonic_mean
 from ..fsio import atomic_write, read_json, safe_torch_load, write_json
 from ..manifests import load_manifest
 from ..protocols import base_novel_split, fewshot_draw, rows_sha256, select_classes
-from ..results import Record, append_record, new_run_id
+from ..results import Record, append_record, new_run_id, read_records
 from ..text import encode_text_truncated
 from .inject import text_tower, vision_tower
 from .layer_mma import LayerMMA, LayerMMAConfig
@@ -81,6 +81,13 @@ def saved_run(run: str | Path) -> tuple[Path, dict[str, Any]]:
     if not (folder / "run.json").exists() or not (folder / "state.pt").exists():
         raise MethodError(f"{folder} is not a saved run (expected run.json and state.pt from `featcache fit --save`)")
     return folder, read_json(folder / "run.json", "saved run's run.json", "delete the run folder and refit with --save")
+
+
+def _recorded(results: str | Path, run_id: str) -> bool:
+    """Whether the results file already holds this run (a finished run resumed from its checkpoint is the same
+    run, with the same id: appending again would count it twice in every leaderboard)."""
+    path = Path(results).expanduser()
+    return path.exists() and any(r.get("run_id") == run_id for r in read_records(path))
 
 
 def _lr_at(cfg: Any, epoch: int) -> float:
@@ -250,7 +257,7 @@ def fit_streaming(
                 "run_id": record.run_id, "backbone": bb.id, "store": record.store, "dataset": manifest.id,
                 "protocol": protocol, "shots": shots, "seed": seed}  # fmt: skip
         write_json(ckpt_dir / "run.json", meta, indent=2)
-    if results and rank == 0:
+    if results and rank == 0 and not _recorded(results, run_id):  # a rerun of a finished run adds no duplicate
         append_record(results, record)
     adapter.detach(bb.model)
     if world > 1:
