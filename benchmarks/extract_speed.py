@@ -54,6 +54,7 @@ parser.add_argument("--classes", type=int, default=4)
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of 1 and 2; the best is reported")
 parser.add_argument("--checksum-only", action="store_true", help="only 5: the checksum's read cost (seconds)")
 parser.add_argument("--rows", type=int, default=50_000, help="rows of the stores read in 4 and 5")
+parser.add_argument("--nproc", type=int, default=0, help="6: also extract under torchrun with this many processes")
 args = parser.parse_args()
 
 
@@ -145,6 +146,50 @@ if args.checksum_only:
     raise SystemExit(0)
 
 
+def multi_process(tmp: Path, manifest_raw: dict, nproc: int) -> None:
+    """6. The same extraction as a CLI command in one process and under torchrun with `nproc` processes (gloo on
+    CPU, one GPU per process on CUDA). Each wall time includes starting Python and loading the model, so a no-op
+    rerun (the store is up to date) is timed too and subtracted: what remains is the extraction itself. Assembly
+    (rank 0 copying the shards into the store) is included in the torchrun figure."""
+    import json
+    import subprocess
+    import sys
+
+    mfile = tmp / "bench_manifest.json"
+    mfile.write_text(json.dumps(manifest_raw))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    common = ["extract", "--manifest", str(mfile), "--data-root", str(tmp), "--backbone", args.backbone,
+              "--batch-size", str(args.batch_size), "--device", args.device, "--quiet"]  # fmt: skip
+
+    def run(cmd: list[str], cache: Path, workers: int) -> float:
+        t0 = time.perf_counter()
+        argv = [*cmd, *common, "--cache-dir", str(cache), "--workers", str(workers)]
+        r = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if r.returncode:
+            raise SystemExit(f"extraction failed: {r.stderr[-2000:]}")
+        return time.perf_counter() - t0
+
+    one = [sys.executable, "-m", "cli.main"]
+    many = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "cli.main"]  # fmt: skip
+    load0 = os.getloadavg()
+    w1, wn = args.workers, max(0, args.workers // nproc)  # the same decode workers in all
+    t1, idle1 = run(one, tmp / "one", w1), run(one, tmp / "one", w1)
+    tn, idlen = run(many, tmp / "many", wn), run(many, tmp / "many", wn)
+    x1, xn = max(1e-9, t1 - idle1), max(1e-9, tn - idlen)
+    print(f"6. whole commands, {N} images: 1 process {t1:.1f} s (start-up {idle1:.1f} s), {nproc} processes under "
+          f"torchrun {tn:.1f} s (start-up {idlen:.1f} s)")  # fmt: skip
+    print(f"   extraction alone: 1 process {fmt(N / x1)} images/s; {nproc} processes {fmt(N / xn)} images/s in all, "
+          f"{fmt(N / xn / nproc)} per process; speed-up {x1 / xn:.2f}x")  # fmt: skip
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if gpus >= nproc:
+        why = "one GPU per process: the speed-up is bounded by the slowest rank's share and the assembly copy"
+    else:
+        why = (f"{nproc} processes share {cpus} CPU cores and no GPU each: a speed-up needs a device (or cores) "
+               "per process; here the figure shows the overhead of sharding and assembly")  # fmt: skip
+    print(f"   limited by: {why}  [load avg {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after]")
+
+
 def fmt(rate: float) -> str:
     return f"{rate:,.1f}" if rate < 1000 else f"{rate:,.0f}"
 
@@ -170,22 +215,22 @@ try:
     files = write_jpegs(tmp / "images" / "train", N, args.classes)
     kb = sum(p.stat().st_size for p in files) / len(files) / 1e3
     print(f"data: {N} JPEGs 500x375, {kb:.0f} KB mean, {args.classes} classes, in {tmp}")
-    manifest = parse_manifest(
-        {
-            "id": "bench_synthetic",
-            "name": "synthetic JPEGs (benchmark)",
-            "classnames": [f"class{c}" for c in range(args.classes)],
-            "template": "a photo of a {}.",
-            "templates": ["a photo of a {}."],
-            "default_scheme": "folder",
-            "schemes": {
-                "folder": {
-                    "source": {"kind": "image_folder", "image_dirs": ["images"], "splits": {"train": "train"}},
-                    "counts": {"train": N},
-                }
-            },
-        }
-    )
+    manifest_raw = {
+        "id": "bench_synthetic",
+        "name": "synthetic JPEGs (benchmark)",
+        "classnames": [f"class{c}" for c in range(args.classes)],
+        "template": "a photo of a {}.",
+        "templates": ["a photo of a {}."],
+        "default_scheme": "folder",
+        "schemes": {
+            "folder": {
+                "source": {"kind": "image_folder", "image_dirs": ["images"], "splits": {"train": "train"}},
+                "counts": {"train": N},
+            }
+        },
+    }
+    manifest = parse_manifest(manifest_raw)
+
     x = torch.stack([bb.preprocess(load_image(str(files[i % N]), None)) for i in range(B)])
     for _ in range(3):  # warm-up: first calls pay for kernel selection and allocation
         bb.encode_images(x)
@@ -230,5 +275,9 @@ try:
 
     # -- 5. what the checksums cost on read -----------------------------------------------------------------------
     checksum_read_cost(tmp, args.rows)
+
+    # -- 6. one process vs --nproc under torchrun, each a whole `featcache extract` command -------------------------
+    if args.nproc > 1:
+        multi_process(tmp, manifest_raw, args.nproc)
 finally:
     shutil.rmtree(tmp, ignore_errors=True)

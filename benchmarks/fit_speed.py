@@ -42,8 +42,9 @@ parser.add_argument("--setting", default="all", choices=["all", "imagenet", "rea
 parser.add_argument("--classes", type=int, default=1000, help="imagenet setting's classes")
 parser.add_argument("--dim", type=int, default=512, help="imagenet setting's width")
 parser.add_argument("--shots", type=int, default=16)
-# coop runs a backbone's text encoder, which a synthetic store has none of (benchmarks/stream_speed.py times it)
-CACHED = [m for m in list_adapters() if m != "coop"]
+# coop runs a backbone's text encoder and prolip trains on pre-projection features, which a synthetic store has
+# none of (benchmarks/stream_speed.py times coop)
+CACHED = [m for m in list_adapters() if m not in ("coop", "prolip")]
 parser.add_argument("--methods", default=",".join(CACHED), help="comma-separated, or none")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 parser.add_argument("--no-step-bench", action="store_true", help="skip the mm-attn one-step comparison")

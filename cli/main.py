@@ -97,12 +97,16 @@ def extract(
     splits: list[str] | None = typer.Option(None, "--splits", help="Splits to extract (repeat); default: all."),
     split_scheme: str | None = typer.Option(None, help="coop (CoOp split files), official (torchvision) ..."),
     batch_size: int = typer.Option(128, help="Images per forward pass."),
-    workers: int | None = typer.Option(None, help="DataLoader worker processes (default: CPU count, at most 8)."),
+    workers: int | None = typer.Option(
+        None, help="DataLoader worker processes (default: CPU count, shared among torchrun processes, at most 8)."
+    ),
     download: bool = typer.Option(False, "--download", help="Fetch what the manifest can download first."),
     augment_views: int = typer.Option(0, help="Extra random-resized-crop + flip views per training image."),
     augment_seed: int = typer.Option(0, help="Seed of the augmented views."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and record them in the store."),
-    dtype: str = typer.Option("float16", help="Storage dtype of image features: float16 or float32."),
+    dtype: str = typer.Option(
+        "float16", help="Storage dtype of image features: float16 or float32 (class text and captions: always float32)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     precision: str = typer.Option("auto", help="auto (fp16 on cuda, else fp32), fp32, bf16, fp16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild a store made with other settings."),
@@ -110,26 +114,37 @@ def extract(
     cache_layer: int | None = typer.Option(
         None, help="Also cache the vision tokens entering block N+1 (float16) for layer-mma's partial-backbone path."
     ),
+    pre_projection: bool = typer.Option(
+        False,
+        "--pre-projection",
+        help="Also store the raw pooled features before the last visual projection, and that projection (ProLIP).",
+    ),
 ) -> None:
     """Run a frozen open_clip model once over a dataset and cache unit-norm image and class-text features."""
     from featcache.extract import extract as run
     from featcache.store import Store
 
     with _user_errors():
-        if (dataset is None) == (manifest is None):
-            raise FeatcacheError("give exactly one of --dataset NAME or --manifest FILE")
+        source = _dataset_or_manifest(dataset, manifest)
         _at_least("--batch-size", batch_size, 1)
         _at_least("--workers", workers, 0)
         _at_least("--augment-views", augment_views, 0)
         _at_least("--augment-seed", augment_seed, 0, MAX_SEED)
         _at_least("--cache-layer", cache_layer, 0)
         _device(device)
+        rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if size > 1 and cache_layer is not None:
+            raise FeatcacheError("--cache-layer runs in one process: extract the store under torchrun, then rerun "
+                                 "the same command with --cache-layer outside torchrun")  # fmt: skip
         path = run(
-            manifest if manifest is not None else dataset, backbone, data_root=data_root, cache_dir=cache_dir,
+            source, backbone, data_root=data_root, cache_dir=cache_dir,
             splits=splits, split_scheme=split_scheme, batch_size=batch_size, workers=workers,
             download_data=download, augment_views=augment_views, augment_seed=augment_seed, skip_bad=skip_bad,
             dtype=dtype, device=device, precision=precision, overwrite=overwrite, progress=not quiet,
+            pre_projection=pre_projection,
         )  # fmt: skip
+        if rank != 0:  # under torchrun: one summary, from rank 0
+            return
         with Store.open(path) as st:
             _print_summary(st.summary())
         if cache_layer is not None:
@@ -148,12 +163,14 @@ def extract(
 @app.command("import")
 def import_(
     file: Path = typer.Argument(
-        ..., help="An .npz with train_features, train_labels, text_features, classnames (+ optional val_*/test_*)."
+        ...,
+        help="An .npz with train_features, train_labels, text_features, classnames (+ optional val_*/test_*; "
+        "for prolip <split>_pre and projection_weight [+ projection_bias]).",
     ),
     name: str = typer.Option(..., help="Name to address the store by (fit --name NAME)."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     backbone: str = typer.Option("unknown", help="Label of the model that made the features (recorded)."),
-    dtype: str = typer.Option("float16", help="Storage dtype: float16 or float32."),
+    dtype: str = typer.Option("float16", help="Storage dtype of image features: float16 or float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store with the same name."),
 ) -> None:
     """Import features made elsewhere from an .npz (they are normalised on import)."""
@@ -175,7 +192,7 @@ def import_tip(
     shots: int | None = typer.Option(None, help="Which keys_{K}shots.pt to use when several exist."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     backbone: str = typer.Option("unknown", help="Label of the model that made the features (recorded)."),
-    dtype: str = typer.Option("float16", help="Storage dtype: float16 or float32."),
+    dtype: str = typer.Option("float16", help="Storage dtype of image features: float16 or float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store with the same name."),
 ) -> None:
     """Import a Tip-Adapter cache folder (GPU-saved .pt files load on a CPU-only machine)."""
@@ -193,8 +210,6 @@ def import_tip(
 @app.command("ls")
 def ls(cache_dir: Path | None = typer.Option(None, help=CACHE_HELP)) -> None:
     """List the stores in the cache folder: backbone, dataset, splits and counts, size on disk."""
-    import pandas as pd
-
     from featcache.store import Store, default_cache_dir
 
     with _user_errors():
@@ -221,7 +236,7 @@ def ls(cache_dir: Path | None = typer.Option(None, help=CACHE_HELP)) -> None:
             typer.echo(f"no stores in {root}")
             return
         typer.echo(f"stores in {root}:")
-        typer.echo(pd.DataFrame(rows).to_string(index=False))
+        typer.echo(_columns(rows))
 
 
 @app.command()
@@ -297,6 +312,23 @@ def _device(device: str) -> str:
     return str(pick_device(device))
 
 
+def _dataset_or_manifest(
+    dataset: str | None, manifest: Path | None, needed: bool = True, what: str = "", name_ok: bool = False
+) -> str | None:
+    """The dataset a command works on, from --dataset NAME or --manifest FILE (exactly one where a dataset is
+    needed, as `extract` takes them); a manifest is passed on as its path, which every library call accepts."""
+    if dataset is not None and manifest is not None:
+        raise FeatcacheError("give exactly one of --dataset NAME or --manifest FILE")
+    if manifest is not None:
+        if not manifest.expanduser().is_file():
+            raise FeatcacheError(f"no manifest file at {manifest}; give the path of a dataset manifest (JSON)")
+        return str(manifest.expanduser())
+    if dataset is None and needed:
+        alt = " (or --name NAME for an imported store)" if name_ok else ""
+        raise FeatcacheError(f"give {what}--dataset NAME or --manifest FILE{alt}")
+    return dataset
+
+
 def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     out = {}
     for item in sets or []:
@@ -322,15 +354,22 @@ def _print_record(rec) -> None:
         if rec.trainable_params and rec.eval_dataset is None:
             typer.echo(f"{'':<14} fit {rec.fit_seconds:.2f} s, {rec.trainable_params:,} trainable parameters")
         return
+
+    def pct(key: str) -> str:
+        return "n/a" if m.get(key) is None else f"{m[key]:.2f}"
+
     if rec.protocol == "base2novel":
-        novel = "n/a" if m["novel_acc"] is None else f"{m['novel_acc']:.2f}"
-        hm = "n/a" if m["hm"] is None else f"{m['hm']:.2f}"
-        scores = f"base {m['base_acc']:.2f}  novel {novel}  HM {hm}"
+        scores = f"base {pct('base_acc')}  novel {pct('novel_acc')}  HM {pct('hm')}"
+        if "base_acc5" in m:
+            scores += f"  (top-5: base {pct('base_acc5')}  novel {pct('novel_acc5')}  HM {pct('hm5')})"
     else:
-        scores = f"acc {m['acc']:.2f}"
+        scores = f"acc {pct('acc')}" + (f"  top-5 {pct('acc5')}" if "acc5" in m else "")
     where = rec.dataset if rec.eval_dataset is None else f"{rec.dataset} -> {rec.eval_dataset}"
-    shots = f"{rec.shots}-shot" if rec.shots else "all-shot"
-    typer.echo(f"{rec.method:<14} {where}  {rec.protocol} {shots} seed {rec.seed}:  {scores}")
+    if (getattr(rec, "sampled", None) or {}).get("n_train") == 0:  # a method that trains nothing drew no shots
+        drawn = "no training"
+    else:
+        drawn = (f"{rec.shots}-shot" if rec.shots else "all-shot") + f" seed {rec.seed}"
+    typer.echo(f"{rec.method:<14} {where}  {rec.protocol} {drawn}:  {scores}")
     if rec.eval_dataset is None:
         typer.echo(
             f"{'':<14} fit {rec.fit_seconds:.2f} s, {rec.trainable_params:,} trainable parameters, run {rec.run_id}"
@@ -341,6 +380,7 @@ def _print_record(rec) -> None:
 def fit(
     adapter: str = typer.Option(..., help="Method name (see `featcache methods`)."),
     dataset: str | None = typer.Option(None, help="Dataset id of an extracted store."),
+    manifest: Path | None = typer.Option(None, help="Your own dataset manifest (JSON) instead of --dataset."),
     backbone: str | None = typer.Option(None, help="Backbone id of an extracted store."),
     name: str | None = typer.Option(None, help="An imported store, instead of --dataset/--backbone."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
@@ -348,7 +388,9 @@ def fit(
     protocol: str = typer.Option(
         "base2novel", help="base2novel, fewshot (all classes), or retrieval (caption datasets: R@K both ways)."
     ),
-    shots: int = typer.Option(16, help="Training images per class (Dassl's draw); 0: all."),
+    shots: int = typer.Option(
+        16, help="Training images per class (Dassl's draw); 0: all. Ignored by methods that train nothing (zero-shot)."
+    ),
     seed: int = typer.Option(1, help="Seed of the few-shot draw and of training."),
     lam: float | None = typer.Option(
         None, "--lambda", help="mm-attn: weight on the adapter output (0.2 reproduces the published setup)."
@@ -380,6 +422,7 @@ def fit(
         _at_least("--seed", seed, 0, MAX_SEED)
         _at_least("--workers", workers, 0)
         _at_least("--cache-layer", cache_layer, 0)
+        dataset = _dataset_or_manifest(dataset, manifest, needed=name is None, name_ok=True)
         device = _device(device)
         options = _parse_sets(sets)
         if lam is not None:
@@ -391,7 +434,9 @@ def fit(
 
             if adapter in RETRIEVAL:
                 if dataset is None or backbone is None:
-                    raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
+                    raise FeatcacheError(
+                        f"{adapter} streams images: give --dataset NAME or --manifest FILE, and --backbone"
+                    )
                 if protocol != "retrieval":
                     raise FeatcacheError(f"{adapter} is a retrieval method: pass --protocol retrieval")
                 rec = fit_retrieval_streaming(
@@ -403,7 +448,9 @@ def fit(
                 return
             if adapter in METHODS:
                 if dataset is None or backbone is None:
-                    raise FeatcacheError(f"{adapter} streams images: give --dataset and --backbone")
+                    raise FeatcacheError(
+                        f"{adapter} streams images: give --dataset NAME or --manifest FILE, and --backbone"
+                    )
                 rec = fit_streaming(
                     adapter, dataset=dataset, backbone=backbone, data_root=data_root, split_scheme=split_scheme,
                     protocol=protocol, shots=shots, seed=seed, options=options, device=device, workers=workers,
@@ -425,6 +472,7 @@ def fit(
 def eval_(
     run: Path = typer.Option(..., help="A folder saved by `featcache fit --save`."),
     dataset: str | None = typer.Option(None, help="Target dataset (same backbone as the run)."),
+    manifest: Path | None = typer.Option(None, help="Your own target dataset manifest (JSON) instead of --dataset."),
     backbone: str | None = typer.Option(None, help="Backbone id (default: the run's)."),
     name: str | None = typer.Option(None, help="An imported target store."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
@@ -442,12 +490,15 @@ def eval_(
 
     with _user_errors():
         _at_least("--workers", workers, 0)
+        dataset = _dataset_or_manifest(dataset, manifest, needed=name is None, what="the target ", name_ok=True)
         device = _device(device)
         meta_file = run / "run.json"
         fix = "delete the run folder and refit with --save"
         meta = read_json(meta_file, "saved run's run.json", fix) if meta_file.exists() else {}
         if meta.get("streaming") and dataset is None:
-            raise FeatcacheError("give the target --dataset")
+            raise FeatcacheError(
+                "a streaming run evaluates on images: give the target --dataset NAME or --manifest FILE"
+            )
         if meta.get("task") == "retrieval":
             from featcache.streaming.retrieval_trainer import evaluate_retrieval_run
 
@@ -503,6 +554,12 @@ def methods(method: str | None = typer.Argument(None, help="Show one method's op
             typer.echo(f"  {key + '=' + str(value):<32} {text}")
 
 
+SWEEP_DEVICE_HELP = ("Where runs compute (cpu, cuda, auto); default: the file's `device`, else cached fits on cpu and "
+                     "streaming methods on cuda when there is one.")  # fmt: skip
+EXECUTOR_HELP = ("process (local worker processes, one GPU each), slurm (submitit) or local (submitit's local "
+                 "executor: each run a job in its own process on this machine).")  # fmt: skip
+
+
 @app.command()
 def sweep(
     file: Path = typer.Argument(..., help="A sweep TOML (see benchmarks/sweeps/)."),
@@ -510,15 +567,50 @@ def sweep(
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),
     jobs: int = typer.Option(1, help="Runs in parallel (processes; torch threads are split between them)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    dataset: list[str] | None = typer.Option(
+        None, "--dataset", help="Run the grid on this dataset instead of the file's datasets (xd/dg: its source)."
+    ),
+    manifest: list[Path] | None = typer.Option(
+        None, "--manifest", help="The same with your own dataset manifest (JSON); --dataset and --manifest repeat."
+    ),
+    device: str | None = typer.Option(None, help=SWEEP_DEVICE_HELP),
+    executor: str = typer.Option("process", help=EXECUTOR_HELP),
+    partition: str | None = typer.Option(None, help="SLURM partition."),
+    gpus_per_job: int | None = typer.Option(None, help="GPUs (one task each) per streaming run; default 1."),
+    cpus_per_job: int | None = typer.Option(None, help="CPUs per task; default 4."),
+    timeout_min: int | None = typer.Option(None, help="Time limit of each job in minutes; default 240."),
+    slurm_array_parallelism: int | None = typer.Option(None, help="Jobs of the array running at once; default 32."),
+    group_size: int | None = typer.Option(None, help="Runs per submitted job (run one after another); default 1."),
+    mem_gb: int | None = typer.Option(None, help="Memory per job in GB (default: the partition's)."),
+    slurm_folder: Path | None = typer.Option(None, help="submitit logs and job records; default <results>.submitit."),
+    slurm_arg: list[str] | None = typer.Option(
+        None, "--slurm-arg", help="Extra sbatch option key=value (repeat), e.g. account=abc, qos=high."
+    ),
 ) -> None:
     """Run a grid of backbones x datasets x methods x shots x seeds x variants; resumable."""
+    import dataclasses
+
     from featcache.sweep import load_sweep, run_sweep
+    from featcache.sweep_submitit import cluster_options
 
     with _user_errors():
         _at_least("--jobs", jobs, 1)
-        s = load_sweep(file)
+        cluster = cluster_options(
+            executor, jobs, partition=partition, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+            timeout_min=timeout_min, array_parallelism=slurm_array_parallelism, group_size=group_size, mem_gb=mem_gb,
+            folder=str(slurm_folder) if slurm_folder else None,
+            slurm_args=slurm_arg or None,
+        )  # fmt: skip
+        if device is not None and executor != "slurm":
+            _device(device)  # this machine must have it (on a cluster, the nodes must)
+        for m in manifest or []:
+            _dataset_or_manifest(None, m)
+        s = load_sweep(file, datasets=[*(dataset or []), *map(str, manifest or [])] or None)
+        if device is not None:
+            s = dataclasses.replace(s, device=device)
         typer.echo(f"sweep {s.name}: {len(s.jobs)} runs ({s.protocol}) -> {results}")
-        c = run_sweep(s, results, cache_dir=cache_dir, jobs=jobs, progress=not quiet, echo=typer.echo)
+        c = run_sweep(s, results, cache_dir=cache_dir, jobs=jobs, progress=not quiet, echo=typer.echo,
+                      cluster=cluster)  # fmt: skip
         typer.echo(f"done {c['done']}, failed {c['failed']} (recorded with their error; rerun to retry), "
                    f"already recorded {c['skipped']}, waiting for a cache {c['missing']}")  # fmt: skip
         if c["failed"]:
@@ -531,6 +623,7 @@ def leaderboard(
     protocol: str = typer.Option("base2novel", help="base2novel, fewshot, xd, dg or retrieval."),
     out: Path | None = typer.Option(None, help="Wide CSV; the long one goes to <out>_runs.csv."),
     reference: str | None = typer.Option(None, help="'published': add the published rows (base2novel, fewshot)."),
+    metric: str = typer.Option("acc", help="acc (top-1 accuracy) or acc5 (top-5); classification protocols."),
 ) -> None:
     """Leaderboard tables (mean ± std over seeds, papers' averages) printed and written as CSV."""
     from featcache.leaderboard import format_table, write_leaderboard
@@ -539,7 +632,7 @@ def leaderboard(
         if not results.exists():
             raise FeatcacheError(f"no results file at {results}")
         try:
-            wide, _, written = write_leaderboard(results, protocol, out, reference)
+            wide, _, written = write_leaderboard(results, protocol, out, reference, metric)
         except ValueError as e:
             raise FeatcacheError(str(e)) from None
         if wide.empty:
@@ -554,12 +647,13 @@ def plot(
     results: Path = typer.Argument(..., help="A JSONL file of result records."),
     kind: str = typer.Option("base-novel", help="base-novel or shots."),
     out: Path = typer.Option(..., help="PNG file to write."),
+    metric: str = typer.Option("acc", help="acc (top-1 accuracy) or acc5 (top-5)."),
 ) -> None:
     """Base vs novel accuracy per method, or accuracy vs shots (needs matplotlib: the 'plot' extra)."""
     from featcache.plots import plot as run
 
     with _user_errors():
-        typer.echo(f"wrote {run(results, kind, out)}")
+        typer.echo(f"wrote {run(results, kind, out, metric)}")
 
 
 @app.command()
@@ -591,6 +685,15 @@ def demo(
     with _user_errors():
         _at_least("--workers", workers, 0)
         run_demo(cache_dir=cache_dir, workers=workers, echo=typer.echo, random_weights=random_weights)
+
+
+def _columns(rows: list[dict]) -> str:
+    """Rows of equal keys as a right-aligned text table (what pandas' to_string prints, without importing pandas:
+    `featcache ls` then starts in about the time of `import torch`)."""
+    keys = list(rows[0])
+    cells = [[str(k) for k in keys]] + [[str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    return "\n".join(" ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
 def _print_summary(s: dict) -> None:

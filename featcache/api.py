@@ -15,12 +15,11 @@ from . import __version__
 from .adapters import Adapter, MethodError, adapter_config, create_adapter, list_adapters
 from .adapters.base import _entry, run_selection
 from .backbones import parse_backbone, pick_device
-from .evaluate import accuracy, harmonic_mean
-from .extract import store_path
+from .evaluate import base_novel_metrics, evaluate
 from .fsio import atomic_write, read_json, safe_torch_load, write_json
 from .importers import imported_path
 from .manifests import load_manifest, manifest_dir
-from .protocols import Task, build_task, rows_sha256, target_eval_set
+from .protocols import Task, build_task, rows_sha256, target_eval_set, trainless_task
 from .results import Record, append_record
 from .retrieval import evaluate_retrieval
 from .store import Store, StoreError
@@ -37,27 +36,57 @@ def open_store(
     split_scheme: str | None = None,
 ) -> Store:
     """The store for (dataset, backbone[, scheme]) or an imported store by name, checked by fingerprint."""
+    from .extract import store_path  # here: the extraction code (data loading, shards) is not needed to read a store
+
     if name is not None:
         if dataset is not None or backbone is not None:
-            raise StoreError("give either --name (an imported store) or --dataset and --backbone, not both")
+            raise StoreError(
+                "give either --name NAME (an imported store) or --dataset NAME / --manifest FILE with --backbone, "
+                "not both"
+            )
         return Store.open(imported_path(name, cache_dir), expect={"split_scheme": "imported"})
     if dataset is None or backbone is None:
-        raise StoreError("give --dataset and --backbone (or --name for an imported store)")
+        raise StoreError(
+            "give --dataset NAME (or --manifest FILE) and --backbone ID, or --name NAME for an imported store"
+        )
     manifest = load_manifest(dataset)
     scheme = manifest.scheme(split_scheme).name
     path = store_path(cache_dir, backbone, manifest.id, scheme)
     if not path.exists():
         parse_backbone(backbone)  # an unknown backbone is the problem to report, not a store to extract with it
-        bundled = Path(manifest.path).resolve().parent == manifest_dir().resolve()
-        source = f"--dataset {manifest.id}" if bundled else f"--manifest {dataset}"
-        raise StoreError(
-            f"no store for {manifest.id} ({scheme}) with {backbone}; create it with: featcache extract "
-            f"{source} --backbone {backbone}" + (f" --split-scheme {scheme}" if split_scheme else "")
-            + (f" --cache-dir {cache_dir}" if cache_dir else "")
-        )  # fmt: skip
+        how = extract_command(dataset, backbone, cache_dir, split_scheme)
+        raise StoreError(f"no store for {manifest.id} ({scheme}) with {backbone}; create it with: {how}")
     expect = {"featcache_version": __version__, "backbone": backbone, "dataset": manifest.id,
               "manifest_sha256": manifest.sha256, "split_scheme": scheme}  # fmt: skip
     return Store.open(path, expect=expect)
+
+
+def extract_command(
+    dataset: str, backbone: str, cache_dir: str | Path | None = None, split_scheme: str | None = None
+) -> str:
+    """The `featcache extract` command that makes (or, with `--splits S` appended, extends) the store for a
+    dataset as the user named it: `--dataset ID` for a bundled manifest, `--manifest FILE` for their own."""
+    manifest = load_manifest(dataset)
+    bundled = Path(manifest.path).resolve().parent == manifest_dir().resolve()
+    source = f"--dataset {manifest.id}" if bundled else f"--manifest {dataset}"
+    return (f"featcache extract {source} --backbone {backbone}" + (f" --split-scheme {split_scheme}" if split_scheme
+            else "") + (f" --cache-dir {cache_dir}" if cache_dir else ""))  # fmt: skip
+
+
+def _check_splits(store: Store, splits: tuple[str, ...], dataset: str | None, cache_dir, split_scheme) -> None:
+    """The splits a fit or an evaluation reads exist, else one line saying how to add the missing one: the extract
+    command that extends this store, or what an imported .npz must hold."""
+    for split in splits:
+        if split in store.splits:
+            continue
+        if store.fingerprint.get("split_scheme") == "imported" or dataset is None:
+            how = f"import the features again with {split}_features and {split}_labels in the .npz"
+        else:
+            how = "add it with: " + extract_command(dataset, store.fingerprint["backbone"], cache_dir, split_scheme)
+            how += f" --splits {split}"
+        use = " (a method that trains nothing needs none: --adapter zero-shot)" if split == "train" else ""
+        has = ", ".join(store.splits) or "none"
+        raise StoreError(f"{store.path.name} has no {split} split (it has: {has}); {how}{use}")
 
 
 def check_method(method: str) -> None:
@@ -114,7 +143,10 @@ def fit_method(
 ) -> Run:
     """Fit one method under one protocol on one store, evaluate it, and return (and optionally append and
     save) its record. Model selection only ever sees the val rows drawn (the method's `val_draw`, default Dassl's
-    min(K, 4) per class), never the test split; the record's `selection` says what it looked at."""
+    min(K, 4) per class), never the test split; the record's `selection` says what it looked at.
+
+    A method that trains nothing (`needs_train` false: zero-shot) draws nothing: `shots`, `val_from` and
+    `allow_short_classes` do not apply, the record says shots 0, and the store needs only a test split."""
     check_method(method)
     adapter_config(method, **(options or {}))  # unknown options and values out of bounds, before any store is read
     device = str(pick_device(device))  # a device this machine lacks fails here, in one line
@@ -128,9 +160,15 @@ def fit_method(
         if protocol == "retrieval":
             return _retrieval_run(method, cfg, store, seed, device, results)
         adapter = create_adapter(method, cfg, dim=store.dim, seed=seed)
+        _check_splits(store, ("train", "test") if adapter.needs_train else ("test",), dataset, cache_dir, split_scheme)
         _bind_backbone(adapter, store.fingerprint, device)
         val_draw = getattr(cfg, "val_draw", "dassl")  # the method's own val policy, where it declares one
-        task = build_task(store, protocol, shots, seed, template, val_from, allow_short_classes, device, val_draw)
+        if adapter.needs_train:
+            task = build_task(method_inputs(adapter, store), protocol, shots, seed, template, val_from,
+                              allow_short_classes, device, val_draw)  # fmt: skip
+        else:  # nothing to draw: any store with a test split, under any protocol
+            task = trainless_task(store, protocol, template, device)
+            shots, val_from, val_draw = 0, "none", None
         result = fit(adapter, task.fit, seed)
         metrics = _evaluate_task(adapter, task)
         record = Record(
@@ -176,6 +214,19 @@ def _retrieval_run(method: str, cfg: Any, store: Store, seed: int, device: str, 
     return Run(record, adapter, None, FitResult())
 
 
+def method_inputs(adapter: Adapter, store: Store) -> Store:
+    """The store as the method reads it: unit-norm features, or (ProLIP) the pre-projection features, refused in
+    one line naming the fix when the store has none."""
+    if adapter.inputs == "features":
+        return store
+    if not store.has_pre_projection:
+        raise StoreError(
+            f"'{adapter.name}' trains on pre-projection features and {store.path.name} has none; "
+            "re-extract with --pre-projection (featcache extract ... --pre-projection --overwrite)"
+        )
+    return store.pre_projection_view()
+
+
 def _bind_backbone(adapter: Adapter, fingerprint: dict[str, Any], device: str) -> None:
     """Methods that run part of the backbone (CoOp's text encoder) get the model that made the store, checked
     by its weights hash."""
@@ -193,16 +244,16 @@ def _bind_backbone(adapter: Adapter, fingerprint: dict[str, Any], device: str) -
 
 
 def _evaluate_task(adapter: Adapter, task: Task) -> dict[str, float | None]:
+    """The record's metrics: top-1 and top-5 accuracy (base2novel: of base and novel, each among its own classes,
+    and the HM of each pair; a method that cannot score novel classes gets null novel metrics)."""
     sets = task.eval_sets()  # the test split is read here, after fitting
     if task.protocol == "base2novel":
-        b = sets["base"]
-        base = accuracy(adapter, b.x, b.y, b.text, b.class_ids, b.classnames)
-        n = sets["novel"]
-        novel = accuracy(adapter, n.x, n.y, n.text, n.class_ids, n.classnames) if adapter.class_agnostic else None
-        hm = harmonic_mean(base, novel)
-        return {"base_acc": _r(base), "novel_acc": _r(novel), "hm": _r(hm)}
+        b, n = sets["base"], sets["novel"]
+        base = evaluate(adapter, b.x, b.y, b.text, b.class_ids, b.classnames)
+        novel = evaluate(adapter, n.x, n.y, n.text, n.class_ids, n.classnames) if adapter.class_agnostic else None
+        return base_novel_metrics(base, novel)
     a = sets["all"]
-    return {"acc": _r(accuracy(adapter, a.x, a.y, a.text, a.class_ids, a.classnames))}
+    return {k: _r(v) for k, v in evaluate(adapter, a.x, a.y, a.text, a.class_ids, a.classnames).items()}
 
 
 def _r(x: float | None) -> float | None:
@@ -276,6 +327,7 @@ def evaluate_run(
     backbone = backbone or (meta["backbone"] if name is None else None)
     store = open_store(dataset, backbone, name, cache_dir, split_scheme)
     with store:
+        _check_splits(store, ("test",), dataset, cache_dir, split_scheme)
         trained = meta["store"]
         for key in ("backbone", "weights_sha256"):
             if store.fingerprint[key] != trained[key]:
@@ -284,21 +336,22 @@ def evaluate_run(
                     f"features of {store.fingerprint['backbone']} ({key} differs); evaluate on a store of the same "
                     "backbone"
                 )
-        ev = target_eval_set(store, meta["train_classnames"], template if template is not None else meta["template"],
-                             device)  # fmt: skip
+        ev = target_eval_set(method_inputs(adapter, store), meta["train_classnames"],
+                             template if template is not None else meta["template"], device)  # fmt: skip
         if not adapter.class_agnostic and (ev.class_ids < 0).any():
             raise MethodError(
                 f"'{meta['method']}' has weights for its {len(meta['train_classnames'])} training classes only and "
                 f"cannot score {store.fingerprint['dataset']}'s classes"
             )
-        acc = accuracy(adapter, ev.x, ev.y, ev.text, ev.class_ids, ev.classnames)
+        scores = evaluate(adapter, ev.x, ev.y, ev.text, ev.class_ids, ev.classnames)
         target = store.fingerprint["dataset"]
+        sampled = {"from_run": meta["run_id"]} | ({} if adapter.needs_train else {"n_train": 0})  # zero-shot: none
         record = Record(
             method=meta["method"], dataset=meta["dataset"], backbone=meta["backbone"],
             protocol="dg" if target in DG_TARGETS else "xd", shots=meta["shots"], seed=meta["seed"],
-            metrics={"acc": _r(acc)}, fit_seconds=0.0, trainable_params=adapter.trainable_params(),
-            config=meta["config"], store=store.fingerprint | {"path": str(store.path)},
-            sampled={"from_run": meta["run_id"]}, template=template if template is not None else meta["template"],
+            metrics={k: _r(v) for k, v in scores.items()}, fit_seconds=0.0, trainable_params=adapter.trainable_params(),
+            config=meta["config"], store=store.fingerprint | {"path": str(store.path)}, sampled=sampled,
+            template=template if template is not None else meta["template"],
             eval_dataset=target, selection=meta.get("selection"),
         )  # fmt: skip
         if results:

@@ -225,7 +225,7 @@ def _image_folder(manifest: Manifest, scheme: Scheme, split: str, root: Path) ->
         tried = ", ".join(str(root / d / sub) for d in src["image_dirs"])
         raise _missing(manifest, scheme, f"image folder not found (tried {tried})")
     split_dir = base / sub
-    class_dirs = src.get("class_dirs") or sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    class_dirs = src.get("class_dirs") or _class_folders(manifest, scheme, split_dir)
     items = []
     for label, cdir in enumerate(class_dirs):
         d = split_dir / cdir
@@ -235,6 +235,23 @@ def _image_folder(manifest: Manifest, scheme: Scheme, split: str, root: Path) ->
             if name.lower().endswith(IMAGE_EXTS):
                 items.append(Item(f"{sub}/{cdir}/{name}", label, str(d / name)))
     return SplitItems(split, items)
+
+
+def _class_folders(manifest: Manifest, scheme: Scheme, split_dir: Path) -> list[str]:
+    """The class folders in label order. Folders named exactly like the manifest's class names take their
+    class's label, whatever order the names are listed in; otherwise (ImageNet's wnids, say) the sorted folder
+    names are the classes in the manifest's order, torchvision ImageFolder's convention. A count that differs is
+    an error: it would silently give images the labels of other classes."""
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    names = manifest.classnames
+    if set(found) == set(names):
+        return list(names)
+    if len(found) != len(names):
+        raise DataError(
+            f"{manifest.id} ({scheme.name}): {split_dir} holds {len(found)} class folders but the manifest lists "
+            f"{len(names)} classes; name the folders after the classes, or list them in the source's class_dirs"
+        )
+    return found
 
 
 def _list_file(manifest: Manifest, scheme: Scheme, split: str, root: Path) -> SplitItems:

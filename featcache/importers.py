@@ -67,8 +67,12 @@ def write_imported(
     dtype: str = "float16",
     overwrite: bool = False,
     extra: dict | None = None,
+    pre: dict[str, torch.Tensor] | None = None,
+    projection: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> Path:
-    """Normalise and write features from elsewhere; the fingerprint ties the store to the source files."""
+    """Normalise and write features from elsewhere; the fingerprint ties the store to the source files.
+    `pre` (per split, raw pre-projection features [N, W]) with `projection` (weight [W, D], bias [D] or None):
+    what ProLIP trains on; every split must have them, and they must reproduce the features."""
     path = imported_path(name, cache_dir)
     if path.exists() and not overwrite:
         raise StoreError(f"a store named '{name}' already exists at {path}; pass --overwrite or pick another --name")
@@ -81,6 +85,10 @@ def write_imported(
     for s, (f, _) in splits.items():
         if f.dim() != 2 or f.shape[1] != D:
             raise StoreError(f"{s} features must be [N, {D}] to match the text features; got {tuple(f.shape)}")
+    if (pre is None) != (projection is None):
+        raise StoreError("pre-projection features need the projection matrix and vice versa; give both or neither")
+    if pre is not None:
+        _check_pre(splits, pre, projection, D)
     fingerprint = {
         "featcache_version": __version__,
         "backbone": backbone,
@@ -93,6 +101,7 @@ def write_imported(
         "split_scheme": "imported",
         "augmentation": "unknown (imported)",
         "dtype": dtype,
+        "pre_projection": "on" if pre is not None else "off",
     }
     # the old store (with --overwrite) is replaced only once the new one is complete
     writer = StoreWriter(
@@ -103,15 +112,40 @@ def write_imported(
         T = text.shape[0]
         templates = ["{}"] if T == 1 else [f"imported template {i} {{}}" for i in range(T)]
         writer.write_text(classnames, templates, F.normalize(text, dim=-1))
+        if projection is not None:
+            writer.write_projection(projection[0], projection[1], "imported")
         for s, (feats, labels) in splits.items():
-            writer.begin_split(s, len(labels), D)
+            p = None if pre is None else pre[s]
+            writer.begin_split(s, len(labels), D, norms=True, pre_dim=0 if p is None else p.shape[1])
             ids = [f"{s}/{i}" for i in range(len(labels))]
-            writer.write_batch(s, len(labels), F.normalize(feats, dim=-1), labels, ids)
+            writer.write_batch(s, len(labels), F.normalize(feats, dim=-1), labels, ids, norms=feats.norm(dim=-1), pre=p)
             writer.finish_split(s)
         return writer.finalize()
     except BaseException:
         writer.discard()  # an import is written in one go: nothing to resume
         raise
+
+
+def _check_pre(splits: dict, pre: dict, projection: tuple, dim: int) -> None:
+    """Every split has pre-projection rows, and normalize(pre @ weight + bias) is the split's features: a projection
+    from another model would make ProLIP start from a classifier that is not CLIP's."""
+    weight, bias = projection
+    if weight.dim() != 2 or weight.shape[1] != dim or (bias is not None and tuple(bias.shape) != (dim,)):
+        raise StoreError(f"projection_weight must be [W, {dim}] (and projection_bias [{dim}]); got "
+                         f"{tuple(weight.shape)}" + ("" if bias is None else f", {tuple(bias.shape)}"))  # fmt: skip
+    for s in set(pre) - set(splits):
+        raise StoreError(f"{s}_pre given without {s}_features")
+    for s, (feats, _) in splits.items():
+        if s not in pre:
+            raise StoreError(f"{s}_features has no {s}_pre; give pre-projection features for every split or none")
+        p = pre[s]
+        if p.dim() != 2 or p.shape != (feats.shape[0], weight.shape[0]):
+            raise StoreError(f"{s}_pre must be [{feats.shape[0]}, {weight.shape[0]}]; got {tuple(p.shape)}")
+        proj = p @ weight + (0 if bias is None else bias)
+        gap = (F.normalize(proj, dim=-1) - F.normalize(feats, dim=-1)).abs().max().item() if len(p) else 0.0
+        if gap > 1e-2:
+            raise StoreError(f"{s}_pre @ projection_weight (+ bias) does not give {s}_features (max |difference| "
+                             f"{gap:.3g} after normalising); pass the projection that made them")  # fmt: skip
 
 
 def import_npz(
@@ -122,7 +156,8 @@ def import_npz(
     dtype: str = "float16",
     overwrite: bool = False,
 ) -> Path:
-    """An .npz with train_features/train_labels (+ optional val_*, test_*), text_features and classnames."""
+    """An .npz with train_features/train_labels (+ optional val_*, test_*), text_features and classnames; optionally
+    `<split>_pre` (raw pre-projection features, every split) with `projection_weight` [W, D] (+ `projection_bias`)."""
     file = Path(file).expanduser()
     if not file.is_file():
         raise StoreError(f"no such file: {file}")
@@ -143,7 +178,15 @@ def import_npz(
             f = _as_float(_array(z, f"{s}_features", file), f"{s}_features")
             splits[s] = (f, _labels(_array(z, f"{s}_labels", file), f.shape[0], len(classnames), f"{s}_labels"))
     text = _as_float(_array(z, "text_features", file), "text_features")
-    return write_imported(name, classnames, splits, text, [file], "npz", cache_dir, backbone, dtype, overwrite)
+    pre = {
+        s: _as_float(_array(z, f"{s}_pre", file), f"{s}_pre") for s in ("train", "val", "test") if f"{s}_pre" in keys
+    }
+    projection = None
+    if "projection_weight" in keys:
+        bias = _as_float(_array(z, "projection_bias", file), "projection_bias") if "projection_bias" in keys else None
+        projection = (_as_float(_array(z, "projection_weight", file), "projection_weight"), bias)
+    return write_imported(name, classnames, splits, text, [file], "npz", cache_dir, backbone, dtype, overwrite,
+                          pre=pre or None, projection=projection)  # fmt: skip
 
 
 def _array(z, key: str, file: Path) -> np.ndarray:

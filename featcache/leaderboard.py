@@ -79,6 +79,22 @@ METRICS = {
     "retrieval": [f"{d}_{k}" for d in ("t2x", "x2t") for k in ("r1", "r5", "r10", "medr", "meanr")],
 }  # fmt: skip
 HEADLINE = {"base2novel": "hm", "retrieval": "t2x_r1"}
+# the accuracy a classification table shows: top-1 (the records' acc, base_acc, ...) or top-5 (acc5, base_acc5, ...)
+ACCURACY_METRICS = {"acc": "top-1 accuracy", "acc5": "top-5 accuracy"}
+
+
+def metric_columns(protocol: str, metric: str = "acc") -> list[str]:
+    """The table's metric columns: METRICS[protocol] for top-1; for top-5 the same names with a 5 (base5, novel5,
+    hm5; acc5). Retrieval tables always show their recalls and ranks."""
+    if protocol not in METRICS:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(METRICS)}")
+    if metric not in ACCURACY_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use acc (top-1) or acc5 (top-5)")
+    if protocol == "retrieval":
+        if metric != "acc":
+            raise ValueError("retrieval tables show R@1/5/10 and ranks; --metric applies to classification protocols")
+        return METRICS[protocol]
+    return [m + ("5" if metric == "acc5" else "") for m in METRICS[protocol]]
 
 
 def hm(b: float, n: float) -> float:
@@ -87,8 +103,11 @@ def hm(b: float, n: float) -> float:
     return 2 * b * n / (b + n)
 
 
-def runs_table(records: list[dict[str, Any]], protocol: str) -> pd.DataFrame:
-    """The long (tidy) table: one row per successful run of `protocol`."""
+def runs_table(records: list[dict[str, Any]], protocol: str, metric: str = "acc") -> pd.DataFrame:
+    """The long (tidy) table: one row per successful run of `protocol`, with top-1 or top-5 accuracy (`metric`; a
+    record made before top-5 was recorded has none: n/a)."""
+    cols_m = metric_columns(protocol, metric)
+    k = "5" if metric == "acc5" else ""
     rows = []
     for r in records:
         if r.get("error") or r.get("protocol") != protocol:
@@ -101,17 +120,17 @@ def runs_table(records: list[dict[str, Any]], protocol: str) -> pd.DataFrame:
             "selection": r.get("selection") or "unrecorded", "run_id": r.get("run_id"),
         }  # fmt: skip
         if protocol == "base2novel":
-            row |= {"base": m.get("base_acc"), "novel": m.get("novel_acc"), "hm": m.get("hm")}
+            row |= {f"base{k}": m.get(f"base_acc{k}"), f"novel{k}": m.get(f"novel_acc{k}"), f"hm{k}": m.get(f"hm{k}")}
         elif protocol == "retrieval":  # t2i/t2v and i2t/v2t share columns: one table covers images and videos
             row |= {k.replace("t2i", "t2x").replace("t2v", "t2x").replace("i2t", "x2t").replace("v2t", "x2t"): v
                     for k, v in m.items()}  # fmt: skip
         else:
-            row |= {"acc": m.get("acc")}
+            row |= {f"acc{k}": m.get(f"acc{k}")}
         rows.append(row)
-    cols = ["backbone", "method", "base_method", "dataset", "trained_on", "shots", "seed", *METRICS[protocol],
+    cols = ["backbone", "method", "base_method", "dataset", "trained_on", "shots", "seed", *cols_m,
             "fit_s", "params", "selection", "run_id"]  # fmt: skip
     df = pd.DataFrame(rows, columns=cols)
-    for c in METRICS[protocol]:
+    for c in cols_m:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     # a rerun of the same (row, dataset, seed) replaces the earlier record: keep the last one (a run that selected
     # differently is another row)
@@ -125,14 +144,14 @@ def _dataset_order(names) -> list[str]:
 
 
 def leaderboard(
-    records: list[dict[str, Any]], protocol: str, reference: str | None = None
+    records: list[dict[str, Any]], protocol: str, reference: str | None = None, metric: str = "acc"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(wide table, long table). Wide: one row per (backbone, method[, shots]); per dataset the mean and std
-    over seeds of each metric; an `average` group; seeds, mean fit seconds, trainable parameters."""
-    if protocol not in METRICS:
-        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(METRICS)}")
-    long = runs_table(records, protocol)
-    metrics = METRICS[protocol]
+    over seeds of each metric; an `average` group; seeds, mean fit seconds, trainable parameters. `metric`: acc
+    (top-1, the default) or acc5 (top-5: columns base5/novel5/hm5 or acc5); the wide table's attrs say which."""
+    metrics = metric_columns(protocol, metric)
+    long = runs_table(records, protocol, metric)
+    b_col, n_col = (metrics[0], metrics[1]) if protocol == "base2novel" else ("", "")
     row_key = ["backbone", "method"] + (["shots"] if protocol == "fewshot" else [])
     # retrieval's rank metrics are averaged over datasets like the recalls (the papers report them per dataset)
     datasets = _dataset_order(long["dataset"].unique())
@@ -148,19 +167,19 @@ def leaderboard(
                 vals = gd[m].dropna()
                 mean = vals.mean() if len(vals) else float("nan")
                 std = vals.std(ddof=0) if len(vals) else float("nan")
-                if m == "hm":  # HM of the seed-averaged base and novel; std over the per-seed HMs
-                    mean = hm(per_ds[(d, "base")], per_ds[(d, "novel")])
+                if m.startswith("hm"):  # HM of the seed-averaged base and novel; std over the per-seed HMs
+                    mean = hm(per_ds[(d, b_col)], per_ds[(d, n_col)])
                 per_ds[(d, m)] = mean
                 row[f"{d}/{m}"], row[f"{d}/{m}_std"] = _round(mean), _round(std)
         complete = all(not g[g["dataset"] == d].empty for d in avg_sets) and avg_sets
         for m in metrics:
-            if m == "hm":
-                mean = hm(row.get("average/base", float("nan")), row.get("average/novel", float("nan")))
+            if m.startswith("hm"):
+                mean = hm(row.get(f"average/{b_col}", float("nan")), row.get(f"average/{n_col}", float("nan")))
             else:
                 means = [per_ds[(d, m)] for d in avg_sets]
                 mean = float(pd.Series(means).mean(skipna=False)) if complete else float("nan")
             row[f"average/{m}"] = _round(mean)
-            row[f"average/{m}_std"] = _round(_seed_std(g, avg_sets, m) if complete else float("nan"))
+            row[f"average/{m}_std"] = _round(_seed_std(g, avg_sets, m, b_col, n_col) if complete else float("nan"))
         row["datasets"] = int(g["dataset"].nunique())
         row["seeds"] = int(g["seed"].nunique())
         row["fit_s"] = _round(g["fit_s"].mean())
@@ -173,9 +192,12 @@ def leaderboard(
     if reference == "published":
         if protocol not in ("base2novel", "fewshot"):
             raise ValueError("published reference rows exist for base2novel and fewshot only (methods.md §1)")
+        if metric != "acc":
+            raise ValueError("the published reference rows are top-1 accuracy; use --metric acc with --reference")
         wide = pd.concat([wide, pd.DataFrame(published_rows(protocol), columns=cols)], ignore_index=True)
     elif reference is not None:
         raise ValueError(f"unknown reference {reference!r}; use 'published'")
+    wide.attrs["metric"] = metric
     return wide, long
 
 
@@ -209,13 +231,13 @@ def published_rows(protocol: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _seed_std(g: pd.DataFrame, datasets: list[str], m: str) -> float:
+def _seed_std(g: pd.DataFrame, datasets: list[str], m: str, b_col: str = "base", n_col: str = "novel") -> float:
     """Std over seeds of the per-seed average over datasets (HM: of the per-seed HM of averages)."""
     per_seed = []
     for _, gs in g.groupby("seed"):
-        if m == "hm":
-            b = gs[gs["dataset"].isin(datasets)].groupby("dataset")["base"].mean()
-            n = gs[gs["dataset"].isin(datasets)].groupby("dataset")["novel"].mean()
+        if m.startswith("hm"):
+            b = gs[gs["dataset"].isin(datasets)].groupby("dataset")[b_col].mean()
+            n = gs[gs["dataset"].isin(datasets)].groupby("dataset")[n_col].mean()
             if len(b) < len(datasets) or n.isna().any():
                 return float("nan")
             per_seed.append(hm(b.mean(), n.mean()))
@@ -234,11 +256,13 @@ def _round(x: Any) -> float:
         return float("nan")
 
 
-def format_cells(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> pd.DataFrame:
+def format_cells(wide: pd.DataFrame, protocol: str, max_datasets: int = 11, metric: str | None = None) -> pd.DataFrame:
     """The displayed table as strings: the average block first, then one headline metric per dataset (none when
-    there is one dataset: it would repeat the average). A cell averaging several seeds is always `mean±std`."""
-    metrics = METRICS[protocol]
-    head = HEADLINE.get(protocol, "acc")
+    there is one dataset: it would repeat the average). A cell averaging several seeds is always `mean±std`.
+    `metric` (default: the one the table was built with) picks the top-1 or top-5 columns."""
+    metric = metric or wide.attrs.get("metric", "acc")
+    metrics = metric_columns(protocol, metric)
+    head = HEADLINE.get(protocol, "acc") + ("5" if metric == "acc5" else "")
     datasets = [c[: -len(f"/{head}")] for c in wide.columns if c.endswith(f"/{head}") and not c.startswith("average")]
     if len(datasets) == 1:
         datasets = []
@@ -267,9 +291,9 @@ def format_cells(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> p
     return table
 
 
-def format_table(wide: pd.DataFrame, protocol: str, max_datasets: int = 11) -> str:
+def format_table(wide: pd.DataFrame, protocol: str, max_datasets: int = 11, metric: str | None = None) -> str:
     """A readable terminal table (format_cells as text)."""
-    table = format_cells(wide, protocol, max_datasets)
+    table = format_cells(wide, protocol, max_datasets, metric)
     more = table.attrs["more"]
     note = selection_note(wide)
     return (table.to_string(index=False) + (f"\n({more} more datasets in the CSV)" if more else "")
@@ -293,10 +317,14 @@ def selection_note(wide: pd.DataFrame) -> str | None:
 
 
 def write_leaderboard(
-    results: str | Path, protocol: str, out: str | Path | None = None, reference: str | None = None
+    results: str | Path,
+    protocol: str,
+    out: str | Path | None = None,
+    reference: str | None = None,
+    metric: str = "acc",
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Path]]:
     """Read records, build both tables, write `out` (wide) and `<out stem>_runs.csv` (long) if asked."""
-    wide, long = leaderboard(read_records(results), protocol, reference)
+    wide, long = leaderboard(read_records(results), protocol, reference, metric)
     written = []
     if out is not None:
         out = Path(out).expanduser()

@@ -21,7 +21,7 @@ Layout:
 Retrieval stores (attr extra = {"task": "retrieval", "video": ...}) have no class names or text group; each
 split's rows are the frames (one per image) with `labels` = the index of their item, plus
   /splits/<s>/items             [N] str, item ids (image path or video id) in annotation order
-  /splits/<s>/captions/features [M, D] unit-norm caption embeddings (the image dtype)
+  /splits/<s>/captions/features [M, D] unit-norm caption embeddings, float32 (small; `dtype` is the images')
   /splits/<s>/captions/item     [M] int64, the item each caption describes
   /splits/<s>/captions/text     [M] str
 
@@ -39,6 +39,7 @@ is complete.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -78,9 +79,13 @@ FINGERPRINT_DEFAULTS = {"pre_projection": "off"}
 PRE_PROJECTION_FIX = "re-extract with --pre-projection (featcache extract ... --pre-projection --overwrite)"
 log = logging.getLogger(__name__)
 _CHUNK_ROWS = 4096
-# Checksummed chunks are rewritten whole whenever a batch lands in them: 256 KiB chunks keep that rewrite small
-# (50,000 x 512 float16 in batches of 128: 2.4 us per row with 256 KiB chunks, 54 us with 4 MiB) at no read cost.
-_CHUNK_BYTES = 256 * 1024
+# A chunk is what HDF5 reads, checksums and rewrites as a unit. Small chunks keep a few-shot draw proportional to
+# the rows it reads (16 shots x 1,000 classes from ImageNet's 1.28M rows touch at most 16,000 chunks: with 16 KiB
+# chunks about 250 MB, where 256 KiB chunks touch nearly every chunk of the 1.3 GB split) and the rewrite of a
+# batch's chunks small; whole-split reads pay a few microseconds per chunk (benchmarks/store_scale.py).
+_CHUNK_BYTES = 16 * 1024
+# per-row datasets of a split: resized together at finish, checked together on resume
+ROW_DATASETS = ("features", "labels", "ids", "aug", "norms", "aug_norms", "pre", "pre_aug")
 _LOCK_WAIT_S = 1.0  # a writer that just finished releases at once; a live one is not waited for
 
 
@@ -300,15 +305,19 @@ def _short(v: Any) -> str:
 
 @dataclass
 class SplitData:
-    """One split as tensors: features [N, D], labels [N] (and, if stored, augmented views [N, V, D])."""
+    """One split as tensors: features [N, D], labels [N] (and, if stored, augmented views [N, V, D] and the norms
+    of the raw views [N, V]: raw view = aug x aug_norms)."""
 
     features: torch.Tensor
     labels: torch.Tensor
     aug: torch.Tensor | None = None
+    aug_norms: torch.Tensor | None = None
 
 
 class Store:
     """Read access to a complete store. Use `Store.open(path, expect=...)`."""
+
+    inputs = "features"  # what split()/rows() read: the unit-norm features, or (a view) "pre-projection"
 
     def __init__(self, path: Path, h5: h5py.File):
         self.path = path
@@ -416,15 +425,58 @@ class Store:
     def num_rows(self, split: str) -> int:
         return int(self._group(split)["labels"].shape[0])
 
+    # -- which image tensors split()/rows() read ------------------------------------------------------
+    @property
+    def has_pre_projection(self) -> bool:
+        return "projection" in self._h5
+
+    def pre_projection_view(self) -> Store:
+        """This store as a method on pre-projection features reads it (ProLIP): split() and rows() return the raw
+        pooled features before the last visual projection (features [N, W], aug [N, V, W]). It shares this
+        store's open file: close the store, not the view."""
+        if not self.has_pre_projection:
+            raise StoreError(f"{self.path} holds no pre-projection features; {PRE_PROJECTION_FIX}")
+        view = copy.copy(self)
+        view.inputs = "pre-projection"
+        return view
+
+    def _names(self) -> tuple[str, str]:
+        return ("pre", "pre_aug") if self.inputs == "pre-projection" else ("features", "aug")
+
+    def pre_features(self, split: str, device: str | torch.device = "cpu", aug: bool = True) -> SplitData:
+        """A split's raw pre-projection features [N, W] (and views [N, V, W]) as float32."""
+        return self.pre_projection_view().split(split, device, aug)
+
+    def projection(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's last visual projection as (weight [W, D], bias [D]) float32: features are
+        normalize(pre @ weight + bias) (ViT: visual.proj, bias 0; ResNet: attnpool.c_proj's weight.T and bias)."""
+        if not self.has_pre_projection:
+            raise StoreError(f"{self.path} holds no projection matrix; {PRE_PROJECTION_FIX}")
+        g = self._h5["projection"]
+        return tuple(
+            torch.from_numpy(self._read(g[n])).to(device=device, dtype=torch.float32) for n in ("weight", "bias")
+        )
+
+    def projection_source(self) -> str | None:
+        return _attr(self._h5["projection"].attrs.get("source")) if self.has_pre_projection else None
+
     def split(self, split: str, device: str | torch.device = "cpu", aug: bool = True) -> SplitData:
         """Read a whole split as float32 tensors (fast: one contiguous read per dataset)."""
         g = self._group(split)
-        feats = torch.from_numpy(self._read(g["features"])).to(device=device, dtype=torch.float32)
+        feat_name, aug_name = self._names()
+        self._need(g, feat_name, split)
+        feats = torch.from_numpy(self._read(g[feat_name])).to(device=device, dtype=torch.float32)
         labels = torch.from_numpy(self._read(g["labels"]).astype(np.int64)).to(device)
-        views = None
-        if aug and "aug" in g:
-            views = torch.from_numpy(self._read(g["aug"])).to(device=device, dtype=torch.float32)
-        return SplitData(feats, labels, views)
+        views = norms = None
+        if aug and aug_name in g:
+            views = torch.from_numpy(self._read(g[aug_name])).to(device=device, dtype=torch.float32)
+            if self.inputs == "features" and "aug_norms" in g:
+                norms = torch.from_numpy(self._read(g["aug_norms"])).to(device=device, dtype=torch.float32)
+        return SplitData(feats, labels, views, norms)
+
+    def _need(self, g: h5py.Group, name: str, split: str) -> None:
+        if name not in g:  # a pre-projection store whose split was added by an extraction without it
+            raise StoreError(f"{self.path}: split '{split}' has no pre-projection features; {PRE_PROJECTION_FIX}")
 
     def labels(self, split: str) -> torch.Tensor:
         """Labels only: cheap even for ImageNet's 1.28M training rows."""
@@ -434,20 +486,25 @@ class Store:
         """Some rows of a split, in the order given; only those rows are read from disk (a 16-shot draw reads
         16 rows per class, not the whole split)."""
         g = self._group(split)
+        feat_name, aug_name = self._names()
+        self._need(g, feat_name, split)
         if not rows:
-            d = int(g["features"].shape[1])
+            d = int(g[feat_name].shape[1])
             empty = torch.empty(0, d, device=device)
             return SplitData(empty, torch.empty(0, dtype=torch.long, device=device), None)
         idx = np.asarray(rows, dtype=np.int64)
         uniq, inverse = np.unique(idx, return_inverse=True)  # h5py reads increasing, unique indices
 
         def read(name: str) -> torch.Tensor:
-            return torch.from_numpy(self._read(g[name], uniq)[inverse])
+            return torch.from_numpy(self._read_rows(g[name], uniq)[inverse])
 
-        feats = read("features").to(device=device, dtype=torch.float32)
+        feats = read(feat_name).to(device=device, dtype=torch.float32)
         labels = read("labels").long().to(device)
-        views = read("aug").to(device=device, dtype=torch.float32) if aug and "aug" in g else None
-        return SplitData(feats, labels, views)
+        views = read(aug_name).to(device=device, dtype=torch.float32) if aug and aug_name in g else None
+        norms = None
+        if views is not None and self.inputs == "features" and "aug_norms" in g:
+            norms = read("aug_norms").to(device=device, dtype=torch.float32)
+        return SplitData(feats, labels, views, norms)
 
     def ids(self, split: str) -> list[str]:
         return _decode(self._read(self._group(split)["ids"]))
@@ -458,6 +515,11 @@ class Store:
             return []
         rows = _decode(self._read(g["skipped"]))
         return [tuple(r.split("\t", 1)) for r in rows]  # type: ignore[misc]
+
+    def norms(self, split: str) -> torch.Tensor | None:
+        """[N] norms of the raw image features (raw = features x norms), None in a store without them."""
+        g = self._group(split)
+        return torch.from_numpy(self._read(g["norms"])) if "norms" in g else None
 
     def augment_views(self, split: str = "train") -> int:
         g = self._group(split)
@@ -479,6 +541,20 @@ class Store:
     def text_all(self) -> torch.Tensor:
         return torch.from_numpy(self._read(self._h5["text/features"]))
 
+    def _read_rows(self, d: h5py.Dataset, uniq: np.ndarray) -> np.ndarray:
+        """Rows `uniq` (increasing, unique) of a chunked dataset, reading only the chunks that hold them: each run
+        of consecutive touched chunks is one slice, and the rows are picked from it in memory. h5py's own
+        fancy indexing builds one selection per row, which costs more than the bytes themselves (a 16-shot draw
+        from ImageNet's 1.28M rows took seconds); here the cost follows the chunks touched."""
+        per = d.chunks[0] if d.chunks else d.shape[0]
+        chunk = uniq // per
+        runs = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(chunk) > 1) + 1)
+        out = np.empty((len(uniq), *d.shape[1:]), dtype=d.dtype)
+        for run in runs:
+            lo, hi = int(chunk[run[0]]) * per, min(d.shape[0], (int(chunk[run[-1]]) + 1) * per)
+            out[run] = self._read(d, np.s_[lo:hi])[uniq[run] - lo]
+        return out
+
     def _read(self, d: h5py.Dataset, sel: Any = ()) -> np.ndarray:
         """Every read goes through here: a checksum failure becomes a StoreError naming the store and dataset."""
         return read_checked(self.path, d, sel)
@@ -494,6 +570,11 @@ class Store:
             **({"captions": {s: self.num_captions(s) for s in self.splits}} if self.task == "retrieval" else {}),
             "augment_views": {s: self.augment_views(s) for s in self.splits if self.augment_views(s)},
             "skipped": {s: len(self.skipped(s)) for s in self.splits if self.skipped(s)},
+            **(
+                {"projection": {"source": self.projection_source(), "shape": list(self._h5["projection/weight"].shape)}}
+                if self.has_pre_projection
+                else {}
+            ),
             "templates": len(self.templates),
             "size_mb": round(self.path.stat().st_size / 2**20, 2),
             **({"extra": self.extra} if self.extra else {}),
@@ -544,7 +625,7 @@ class StoreWriter:
     ):
         self.path = Path(path)
         self.tmp = partial_path(self.path)
-        self.fingerprint = {k: str(fingerprint.get(k, "")) for k in FINGERPRINT_FIELDS}
+        self.fingerprint = {k: str(fingerprint.get(k, FINGERPRINT_DEFAULTS.get(k, ""))) for k in FINGERPRINT_FIELDS}
         self.resumed = False
         self.resumable = resume
         self.h5: h5py.File | None = None
@@ -646,6 +727,24 @@ class StoreWriter:
             e.attrs["ensemble_templates"] = json.dumps(ens)
             self.h5.flush()
 
+    def has_projection(self) -> bool:
+        return "projection" in self.h5
+
+    def write_projection(self, weight: torch.Tensor, bias: torch.Tensor | None, source: str) -> None:
+        """The last visual projection, as features = normalize(pre @ weight + bias): weight [W, D], bias [D]."""
+        w = weight.detach().float().cpu().numpy()
+        b = np.zeros(w.shape[1], np.float32) if bias is None else bias.detach().float().cpu().numpy()
+        if w.ndim != 2 or b.shape != (w.shape[1],) or not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise StoreError(f"projection must be a finite [W, D] weight with a [D] bias; got {w.shape}, {b.shape}")
+        with self._writing():
+            if "projection" in self.h5:
+                del self.h5["projection"]
+            g = self.h5.create_group("projection")
+            _create(g, "weight", data=w)
+            _create(g, "bias", data=b)
+            g.attrs["source"] = source
+            self.h5.flush()
+
     # -- image features ------------------------------------------------------------------------------
     def split_state(self, split: str) -> tuple[int, int, bool]:
         """(items_done, rows_done, complete) for a split; (0, 0, False) if it was never started."""
@@ -654,14 +753,27 @@ class StoreWriter:
             return 0, 0, False
         return int(g.attrs["items_done"]), int(g.attrs["rows_done"]), bool(g.attrs["complete"])
 
-    def begin_split(self, split: str, n_items: int, dim: int, aug_views: int = 0, id_width: int = 16) -> int:
+    def begin_split(
+        self,
+        split: str,
+        n_items: int,
+        dim: int,
+        aug_views: int = 0,
+        id_width: int = 16,
+        norms: bool = False,
+        pre_dim: int = 0,
+    ) -> int:
         """Create (or reopen) a split sized for n_items rows; return how many items are already done.
-        `id_width`: bytes of the longest item id (wider ids still fit, at the cost of a rewrite)."""
+        `id_width`: bytes of the longest item id (wider ids still fit, at the cost of a rewrite). `norms`: also
+        keep the raw features' norms (and the views'); `pre_dim`: also keep pre-projection features of that width.
+        Every batch must then bring them (write_batch refuses one that does not)."""
         with self._writing():
             splits = self.h5.require_group("splits")
             if split in splits:
                 g = splits[split]
-                if int(g.attrs["n_items"]) == n_items and int(g["features"].shape[1]) == dim:
+                same = int(g.attrs["n_items"]) == n_items and int(g["features"].shape[1]) == dim
+                same = same and ("norms" in g) == norms and (int(g["pre"].shape[1]) if "pre" in g else 0) == pre_dim
+                if same:
                     return int(g.attrs["items_done"])
                 del splits[split]  # the item list changed (new split file?): this split starts over
             g = splits.create_group(split)
@@ -671,6 +783,14 @@ class StoreWriter:
             _create(g, "ids", (n_items,), f"S{max(1, id_width)}")
             if aug_views:
                 _create(g, "aug", (n_items, aug_views, dim), dtype)
+            if norms:
+                _create(g, "norms", (n_items,), np.float32)
+                if aug_views:
+                    _create(g, "aug_norms", (n_items, aug_views), np.float32)
+            if pre_dim:
+                _create(g, "pre", (n_items, pre_dim), dtype)
+                if aug_views:
+                    _create(g, "pre_aug", (n_items, aug_views, pre_dim), dtype)
             g.attrs.update({"n_items": n_items, "items_done": 0, "rows_done": 0, "batch_start": 0, "complete": False})
             self.h5.flush()
             return 0
@@ -684,22 +804,38 @@ class StoreWriter:
         ids: list[str],
         aug: torch.Tensor | None = None,
         skipped: list[tuple[str, str]] | None = None,
+        *,
+        norms: torch.Tensor | None = None,
+        aug_norms: torch.Tensor | None = None,
+        pre: torch.Tensor | None = None,
+        pre_aug: torch.Tensor | None = None,
     ) -> None:
-        """Append the rows of a batch that consumed `n_items` items (rows < items when items were skipped)."""
+        """Append the rows of a batch that consumed `n_items` items (rows < items when items were skipped).
+        `norms` [B] / `aug_norms` [B, V]: raw-feature norms; `pre` [B, W] / `pre_aug` [B, V, W]: pre-projection
+        features; each exactly when begin_split created its dataset."""
         # off the device first: an error there (CUDA) is not a write error and must not abandon the file
-        feats = features.detach().cpu().numpy() if len(ids) else None
-        views = aug.detach().cpu().numpy() if aug is not None and len(ids) else None
+        given = {"features": features, "aug": aug, "norms": norms, "aug_norms": aug_norms, "pre": pre,
+                 "pre_aug": pre_aug}  # fmt: skip
+        arrays = {k: v.detach().cpu().numpy() for k, v in given.items() if v is not None and len(ids)}
         with self._writing():
             g = self.h5["splits"][split]
+            if len(ids):  # refused before a byte is written: a missing dataset would leave rows of zeros
+                for name in ("aug", "norms", "aug_norms", "pre", "pre_aug"):
+                    if (name in g) != (name in arrays):
+                        what = "brings" if name in arrays else "lacks"
+                        why = "has no such dataset" if name in arrays else "keeps one, so every batch must bring it"
+                        raise StoreError(f"a batch for split '{split}' {what} '{name}' but the split {why}")
+                for name in ("pre", "pre_aug"):
+                    if name in arrays and g[name].dtype == np.float16 and np.abs(arrays[name]).max() >= 65504:
+                        raise StoreError("pre-projection features exceed float16's range; extract with --dtype float32")
             r0 = int(g.attrs["rows_done"])
             r1 = r0 + len(ids)
             if len(ids):
-                g["features"][r0:r1] = feats.astype(g["features"].dtype, copy=False)
                 g["labels"][r0:r1] = np.asarray(labels, dtype=np.int64)
                 names = fixed_strings(ids)
                 _fit_strings(g, "ids", names)[r0:r1] = names
-                if views is not None:
-                    g["aug"][r0:r1] = views.astype(g["aug"].dtype, copy=False)
+                for name, a in arrays.items():
+                    g[name][r0:r1] = a.astype(g[name].dtype, copy=False)
             if skipped:
                 rows = fixed_strings([f"{i}\t{err}" for i, err in skipped], 64)
                 if "skipped" not in g:
@@ -730,8 +866,9 @@ class StoreWriter:
                 del g["items"]
             _create(g, "items", data=fixed_strings(items))
             c = g.create_group("captions")
-            dtype = np.float16 if self.fingerprint["dtype"] == "float16" else np.float32
-            _create(c, "features", (len(captions), dim), dtype)
+            # float32 whatever the image dtype: captions are few next to the images, and float16 would cost
+            # recall ties that a float32 evaluation (CLIP_benchmark) does not have
+            _create(c, "features", (len(captions), dim), np.float32)
             _create(c, "item", data=np.asarray(caption_item, dtype=np.int64))
             _create(c, "text", data=fixed_strings(captions))
             c.attrs.update({"done": 0, "batch_start": 0, "complete": len(captions) == 0})
@@ -755,7 +892,7 @@ class StoreWriter:
         with self._writing():
             g = self.h5["splits"][split]
             rows = int(g.attrs["rows_done"])
-            for name in ("features", "labels", "ids", "aug"):
+            for name in ROW_DATASETS:
                 if name in g and g[name].shape[0] != rows:
                     d = g[name]
                     d.resize((rows, *d.shape[1:]))
@@ -771,6 +908,8 @@ class StoreWriter:
                     raise StoreError(f"split '{name}' is incomplete; cannot finalize {self.path}")
             if not self.has_text() and json.loads(self.h5.attrs["extra"]).get("task") != "retrieval":
                 raise StoreError(f"no text features written; cannot finalize {self.path}")
+            if self.fingerprint["pre_projection"] == "on" and not self.has_projection():
+                raise StoreError(f"no projection matrix written; cannot finalize {self.path}")
             self.h5.attrs["complete"] = True
             self.h5.close()
             _fsync(self.tmp)  # on disk before it is renamed complete: a power cut leaves old or new, never half
@@ -826,7 +965,7 @@ def partial_problem(tmp: Path, fingerprint: dict[str, str]) -> tuple[str, str] |
 
 
 def _damage(h5: h5py.File) -> str | None:
-    for name in ("classnames", "text/features", "text/ensemble"):
+    for name in ("classnames", "text/features", "text/ensemble", "projection/weight", "projection/bias"):
         if name in h5:
             h5[name][()]
     for s, g in h5.get("splits", {}).items():
@@ -835,9 +974,9 @@ def _damage(h5: h5py.File) -> str | None:
         if not (0 <= rows <= items <= n and 0 <= start <= rows) or (complete and items != n):
             return f"split '{s}' counts are inconsistent ({items}/{n} items, {rows} rows)"
         lo = max(0, min(start, rows - 1))
-        for name in ("features", "labels", "ids", "aug"):
+        for name in ROW_DATASETS:
             if name not in g:
-                if name == "aug":
+                if name not in ("features", "labels", "ids"):  # the optional ones
                     continue
                 return f"split '{s}' has no {name}"
             size = g[name].shape[0]

@@ -95,11 +95,14 @@ def synthetic_store(path: Path, classes: int = 10, dim: int = 32, per_class=(40,
         labels = torch.arange(classes).repeat(k)  # interleaved: 0,1,2,...,0,1,2,... (first appearance order)
         x = n(means[labels] + 0.8 * torch.randn(len(labels), dim, generator=g) / dim**0.5, dim=-1)
         views = aug_views if split == "train" else 0
-        w.begin_split(split, len(labels), dim, views)
-        aug = None
+        w.begin_split(split, len(labels), dim, views, norms=True)
+        aug = aug_norms = None
         if views:
             aug = n(x[:, None] + 0.1 * torch.randn(len(labels), views, dim, generator=g), dim=-1)
-        w.write_batch(split, len(labels), x, labels, [f"{split}/{i}" for i in range(len(labels))], aug)
+            # raw-view norms from their own generator (the features stay what they were): Tip-Adapter's raw mean
+            aug_norms = 5 + 10 * torch.rand(len(labels), views, generator=torch.Generator().manual_seed(seed + 1))
+        w.write_batch(split, len(labels), x, labels, [f"{split}/{i}" for i in range(len(labels))], aug,
+                      norms=torch.ones(len(labels)), aug_norms=aug_norms)  # fmt: skip
         w.finish_split(split)
     return w.finalize()
 
@@ -107,3 +110,13 @@ def synthetic_store(path: Path, classes: int = 10, dim: int = 32, per_class=(40,
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Path:
     return synthetic_store(tmp_path_factory.mktemp("synth") / "synthetic.h5")
+
+
+@pytest.fixture(scope="session")
+def pre_store(tmp_path_factory, tiny) -> Path:
+    """digits through the tiny ViT with --pre-projection and 2 augmented views, float32 (exact comparisons)."""
+    from featcache.extract import extract
+
+    cache = tmp_path_factory.mktemp("pre")
+    return extract("digits", tiny, cache_dir=cache, workers=0, batch_size=512, progress=False, pre_projection=True,
+                   augment_views=2, dtype="float32")  # fmt: skip

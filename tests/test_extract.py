@@ -320,3 +320,19 @@ def test_other_precision_is_not_taken_for_up_to_date(tmp_path, tiny):
     with pytest.raises(FingerprintMismatch, match="'precision' differs.*--overwrite"):
         extract("digits", "featcache-tiny/random", cache_dir=tmp_path, splits=["val"], precision="bf16",
                 workers=0, progress=False)  # fmt: skip
+
+
+def test_image_folders_named_like_classes_take_their_labels_in_any_order(tmp_path):
+    """Class names listed in another order than the sorted folders: labels follow the names, not the sort;
+    a folder count that differs from the class count is refused."""
+    from featcache.data import resolve_split
+
+    write_images(tmp_path / "toy" / "train", 1, ["cat", "dog", "ant"])
+    raw = folder_manifest("toy", ["dog", "cat", "ant"])
+    m = parse_manifest(raw)
+    items = resolve_split(m, m.scheme(None), "train", tmp_path).items
+    assert {it.id.split("/")[1]: it.label for it in items} == {"dog": 0, "cat": 1, "ant": 2}
+    raw = folder_manifest("toy", ["zero", "one"])
+    m = parse_manifest(raw)
+    with pytest.raises(DataError, match="holds 3 class folders but the manifest lists 2 classes"):
+        resolve_split(m, m.scheme(None), "train", tmp_path)

@@ -141,3 +141,24 @@ def test_rows_reads_only_what_is_asked_in_that_order(tmp_path):
         assert torch.equal(d.features, feats[[7, 2, 7, 50]]) and d.labels.tolist() == labels[[7, 2, 7, 50]].tolist()
         assert torch.equal(st.labels("train"), labels)
         assert st.rows("train", []).features.shape == (0, 16)
+
+
+def test_rows_across_many_chunks_equal_fancy_indexing(tmp_path):
+    """Rows picked from runs of touched chunks equal plain indexing, for any pattern: single rows, whole chunks,
+    neighbouring chunks merged into one read, the last partial chunk, repeats and any order."""
+    p = tmp_path / "s.h5"
+    n, d = 1000, 64
+    w = StoreWriter(p, {"backbone": "b", "dataset": "d", "dtype": "float32"})
+    w.write_text(["a", "b"], ["a {}."], torch.nn.functional.normalize(torch.randn(1, 2, d), dim=-1))
+    w.begin_split("train", n, d)
+    feats = torch.nn.functional.normalize(torch.randn(n, d), dim=-1)
+    w.write_batch("train", n, feats, torch.arange(n) % 2, [f"i{i}" for i in range(n)])
+    w.finish_split("train")
+    w.finalize()
+    rng = np.random.default_rng(0)
+    with Store.open(p) as st:
+        per = st._group("train")["features"].chunks[0]
+        assert per < 100  # many chunks: the test exercises the runs
+        for rows in ([0], [n - 1], list(range(per, 3 * per)), rng.integers(0, n, 300).tolist(), [999, 0, 5, 5]):
+            got = st.rows("train", rows)
+            assert torch.equal(got.features, feats[rows]) and got.labels.tolist() == [r % 2 for r in rows]

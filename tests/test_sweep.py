@@ -131,8 +131,9 @@ def test_shipped_sweeps_parse():
     sweeps = {p.stem: load_sweep(p) for p in folder.glob("*.toml")}
     assert set(sweeps) == {"base2novel", "fewshot", "xd", "dg", "digits", "retrieval"}
     assert len(sweeps["retrieval"].jobs) == 3 * 3 and {j.shots for j in sweeps["retrieval"].jobs} == {0}
-    assert len(sweeps["base2novel"].jobs) == 11 * 7 * 3  # 6 methods + the hard-mask variant, 3 seeds
-    assert {j.shots for j in sweeps["fewshot"].jobs} == {1, 2, 4, 8, 16}
+    assert len(sweeps["base2novel"].jobs) == 11 * 15 * 3  # 14 methods + the hard-mask variant, 3 seeds
+    assert {j.shots for j in sweeps["fewshot"].jobs if j.method != "zero-shot"} == {1, 2, 4, 8, 16}
+    assert {j.shots for j in sweeps["fewshot"].jobs if j.method == "zero-shot"} == {0}  # trains nothing: once
     assert sweeps["dg"].jobs[0].targets == ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 

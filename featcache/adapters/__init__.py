@@ -27,6 +27,7 @@ from . import (  # noqa: E402, F401  # noqa: E402, F401
     linear_probe,
     lpp,
     mm_attn,
+    prolip,
     taskres,  # noqa: E402, F401
     tip_adapter,
     tip_x,  # noqa: E402, F401

@@ -20,8 +20,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, FitData, MethodError, TrainConfig, register
-from .grid_search import ROWS, affine_grid_counts, class_sum, equal_shots, first_best, keys_from_views, to_targets
+from .base import Adapter, FitData, MethodError, register
+from .grid_search import (
+    ROWS,
+    SupportCacheConfig,
+    affine_grid_counts,
+    class_sum,
+    equal_shots,
+    support_cache,
+    to_targets,
+    unravel_best,
+)
 
 # per dataset (configs/<dataset>.yaml, methods_2026.md §6.4-6.5): criterion weights [w0, w1], Q, search scale and
 # steps [beta, alpha, gamma]; the reference's Q values are for RN50's 1024 channels
@@ -42,7 +51,7 @@ DATASET_DEFAULTS = {
 
 
 @dataclass
-class APEConfig(TrainConfig):
+class APEConfig(SupportCacheConfig):
     w: list = field(
         default_factory=lambda: [0.5, 0.5],
         metadata={"help": "criterion weights [w0 on the inter-class similarity, w1 on the text variance] "
@@ -61,24 +70,7 @@ class APEConfig(TrainConfig):
     search_steps: list = field(
         default_factory=lambda: list(_STEPS), metadata={"help": "grid points [beta, alpha, gamma]", "ge": 1}
     )
-    search: bool = field(default=True, metadata={"help": "search beta, alpha, gamma on val (false: keep the ones set)"})
-    alpha: float = field(default=1.0, metadata={"help": "cache weight with search=false (init_alpha)", "ge": 0.0})
-    beta: float = field(default=1.0, metadata={"help": "affinity sharpness with search=false (init_beta)", "ge": 0.0})
-    gamma: float = field(default=0.1, metadata={"help": "value reweighting with search=false (init_gamma)", "ge": 0.0})
-    views: str = field(
-        default="auto",
-        metadata={"help": "cache keys: mean (the reference averages 10 raw views, then normalises; the store keeps "
-                  "normalised views only, so this averages those and renormalises), clean (the plain train "
-                  "features), auto (mean when the store has views)", "choices": ["auto", "mean", "clean"]},
-    )  # fmt: skip
-    val_draw: str = field(
-        default="full",
-        metadata={"help": "val rows the search scores: full (the reference: the whole val split; on ImageNet it "
-                  "selects on the test split, featcache never does: use --val-from train), dassl (min(K,4) per "
-                  "class), k-shot (K per class)", "choices": ["dassl", "k-shot", "full"]},
-    )  # fmt: skip
-    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0.0})
-    epochs: int = field(default=0, metadata={"help": "training-free", "ge": 0})
+    gamma: float = field(default=0.1, metadata={"help": "value reweighting with search=false (init_gamma)"})
 
     @staticmethod
     def dataset_defaults(dataset: str) -> dict:
@@ -116,9 +108,8 @@ class APE(Adapter):
 
     def setup(self, data: FitData) -> None:
         cfg = self.config
-        keys = keys_from_views(data.train_x, data.train_aug, cfg.views)
-        order = torch.argsort(data.train_y, stable=True)  # grouped by class, as the reference's cache
-        keys, labels, n_cls = keys[order], data.train_y[order], data.num_classes
+        keys, labels = support_cache(data, cfg)  # grouped by class, as the reference's cache
+        n_cls = data.num_classes
         q = min(int(cfg.feat_num), keys.shape[1])
         self.channels = ape_criterion(data.text, keys, labels, cfg.w).topk(q).indices
         self.keys = F.normalize(keys[:, self.channels], dim=-1)
@@ -126,7 +117,7 @@ class APE(Adapter):
         p = (self.keys @ text.t()).softmax(1)
         onehot = F.one_hot(labels, n_cls).to(p.dtype)
         self.divergence = (onehot * torch.log2((onehot + 1e-6) / (p + 1e-6))).sum(1)
-        self.key_labels = labels.clone()
+        self.key_labels = labels
         self.num_classes = torch.tensor(n_cls)
 
     def _affinity(self, images: torch.Tensor) -> torch.Tensor:
@@ -161,12 +152,7 @@ class APE(Adapter):
             raise MethodError("ape's search_scale and search_steps take 3 values each: beta, alpha, gamma")
         betas, alphas, gammas = self._grid()
         counts = self.grid_counts(data.val_x, data.val_y, data.text)  # [beta, alpha, gamma]
-        best = first_best(counts)
-        if best is None:  # nothing scored: the reference's initial best_* = 0
-            a, b, g = 0.0, 0.0, 0.0
-        else:
-            bi, rest = divmod(best, len(alphas) * len(gammas))
-            a, b, g = alphas[rest // len(gammas)], betas[bi], gammas[rest % len(gammas)]
+        b, a, g = unravel_best(counts, betas, alphas, gammas)
         self.alpha.fill_(a)
         self.beta.fill_(b)
         self.gamma.fill_(g)

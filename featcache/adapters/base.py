@@ -53,6 +53,9 @@ class FitData:
     train_aug: torch.Tensor | None = None  # [N, V, D] augmented views, if the store has them
     classnames: list[str] = field(default_factory=list)
     protocol: str = ""  # the protocol the rows were drawn for, for methods whose reference fits per protocol (GDA)
+    train_aug_norms: torch.Tensor | None = None  # [N, V] norms of the raw views (raw = view x norm), if stored
+    # (weight [W, D], bias [D]) of the last visual projection, for methods on pre-projection features (ProLIP)
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -93,9 +96,13 @@ class Adapter(nn.Module, abc.ABC):
 
     name: str = ""
     needs_val: bool = False  # searches hyperparameters or early-stops on the few-shot val split
+    needs_train: bool = True  # looks at training rows; False (zero-shot): no draw, runs on a test-only store
     trainable: bool = True  # trained by the shared loop after `setup`
     class_agnostic: bool = True  # can score classes it was not trained on (novel classes, other datasets)
     selection: str = ""  # the reference's selection: validation-free, few-shot-val or val (SELECTIONS)
+    # what its images are: "features" (unit-norm CLIP features) or "pre-projection" (raw pooled vision features
+    # before the last projection, read through Store.pre_projection_view(); FitData.projection holds that projection)
+    inputs: str = "features"
 
     def __init__(self, config: Any, dim: int = 512):
         super().__init__()

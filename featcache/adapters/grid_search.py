@@ -12,10 +12,12 @@ same elementwise operations (so the same rounding) as the full logits and argmax
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from .base import MethodError
+from .base import FitData, MethodError, TrainConfig
 
 ROWS = 256  # rows per chunk: a [256, N] affinity block stays in cache
 PAIRS = 1 << 22  # grid points x pairs compared at once
@@ -94,16 +96,92 @@ def class_sum(e: torch.Tensor, labels: torch.Tensor, num_classes: int, shots: in
     return out.index_add_(1, labels, e)
 
 
-def keys_from_views(train_x: torch.Tensor, train_aug: torch.Tensor | None, views: str) -> torch.Tensor:
-    """Cache keys [N, D] for the APE/Tip-X family: `mean` averages the stored (unit-norm) augmented views and
-    renormalises, `clean` takes the plain train features, `auto` is `mean` when the store has views."""
+VIEW_MEAN_HELP = (
+    "how augmented views become one key: raw (the reference's build_cache_model: the mean of the raw encoder "
+    "outputs, then L2-normalised; raw view = stored unit view x its stored norm) or normalised (featcache's "
+    "earlier key: the mean of the unit-norm views, renormalised; for stores extracted before the norms were kept)"
+)
+
+
+def view_mean(aug: torch.Tensor, norms: torch.Tensor | None, how: str = "raw") -> torch.Tensor:
+    """One unit-norm key per image [N, D] from its views [N, V, D]. raw: normalize(mean_v(norm_v · unit_v)), the
+    mean of the raw features as Tip-Adapter, APE and Tip-X compute it (views with larger raw norms weigh more);
+    normalised: normalize(mean_v(unit_v))."""
+    if how not in ("raw", "normalised"):
+        raise MethodError(f"view_mean must be raw or normalised, got {how!r}")
+    if how == "normalised":
+        return F.normalize(aug.mean(1), dim=-1)
+    if norms is None:
+        raise MethodError(
+            "view_mean=raw (the reference's mean of raw views) needs the views' raw norms, which this store lacks "
+            "(extracted by an older featcache); re-extract it (featcache extract ... --overwrite) or --set "
+            "view_mean=normalised"
+        )
+    return F.normalize((aug * norms[..., None].to(aug.dtype)).mean(1), dim=-1)
+
+
+def keys_from_views(
+    train_x: torch.Tensor,
+    train_aug: torch.Tensor | None,
+    views: str,
+    norms: torch.Tensor | None = None,
+    how: str = "raw",
+) -> torch.Tensor:
+    """Cache keys [N, D] for the APE/Tip-X family: `mean` averages the augmented views (`view_mean`, by `how`),
+    `clean` takes the plain train features, `auto` is `mean` when the store has views."""
     if views not in ("auto", "mean", "clean"):
         raise MethodError(f"views must be auto, mean or clean, got {views!r}")
     if views == "mean" or (views == "auto" and train_aug is not None):
         if train_aug is None:
             raise MethodError("views=mean needs a store extracted with --augment-views")
-        return torch.nn.functional.normalize(train_aug.mean(1), dim=-1)
+        return view_mean(train_aug, norms, how)
     return train_x
+
+
+@dataclass
+class SupportCacheConfig(TrainConfig):
+    """Options APE and Tip-X share: how the support keys are made, which val rows the search scores."""
+
+    views: str = field(
+        default="auto",
+        metadata={"help": "cache keys: mean (the reference averages 10 views into one key, see view_mean), clean "
+                  "(the plain train features), auto (mean when the store has views)",
+                  "choices": ["auto", "mean", "clean"]},
+    )  # fmt: skip
+    view_mean: str = field(default="raw", metadata={"help": VIEW_MEAN_HELP, "choices": ["raw", "normalised"]})
+    val_draw: str = field(
+        default="full",
+        metadata={"help": "val rows the search scores: full (the reference: the whole val split; on ImageNet it "
+                  "selects on the test split, featcache never does: use --val-from train), dassl (min(K,4) per "
+                  "class), k-shot (K per class)", "choices": ["dassl", "k-shot", "full"]},
+    )  # fmt: skip
+    search: bool = field(default=True, metadata={"help": "search beta, alpha, gamma on val (false: keep the ones set)"})
+    alpha: float = field(default=1.0, metadata={"help": "cache weight with search=false (init_alpha)", "ge": 0.0})
+    beta: float = field(default=1.0, metadata={"help": "affinity sharpness with search=false (init_beta)", "ge": 0.0})
+    gamma: float = field(default=0.1, metadata={"help": "third weight with search=false (init_gamma)", "ge": 0.0})
+    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0.0})
+    epochs: int = field(default=0, metadata={"help": "training-free", "ge": 0})
+
+
+def support_cache(data: FitData, cfg: SupportCacheConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys [N, D], labels [N]) grouped by class (stable), as the references build their cache: the class sums
+    of the values then become reshapes."""
+    keys = keys_from_views(data.train_x, data.train_aug, cfg.views, data.train_aug_norms, cfg.view_mean)
+    order = torch.argsort(data.train_y, stable=True)
+    return keys[order].clone(), data.train_y[order].clone()
+
+
+def unravel_best(counts: torch.Tensor, *axes: list[float]) -> tuple[float, ...]:
+    """The grid values of the first best point of `counts` (shape: len of each axis, in the reference's loop
+    order); zeros when nothing scored (the references' initial best_* = 0)."""
+    best = first_best(counts)
+    if best is None:
+        return tuple(0.0 for _ in axes)
+    idx = []
+    for n in reversed([len(a) for a in axes]):
+        best, i = divmod(best, n)
+        idx.append(i)
+    return tuple(a[i] for a, i in zip(axes, reversed(idx), strict=True))
 
 
 def to_targets(extra: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:

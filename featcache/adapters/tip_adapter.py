@@ -1,7 +1,8 @@
 """Tip-Adapter (training-free) and Tip-Adapter-F (trainable cache keys), Zhang et al.
 
-Cache keys K [N, D] = the few-shot train features (the mean of the augmented views when the store has them,
-as the reference averages 10 views), values L = one-hot labels [N, C]:
+Cache keys K [N, D] = the few-shot train features (with augmented views in the store: the mean of the raw views,
+then normalised, as the reference's build_cache_model averages 10 raw encoder outputs; `view_mean`), values
+L = one-hot labels [N, C]:
     logits = 100 · v · tᵀ + α · exp(−β · (1 − v · Kᵀ)) · L
 α, β are searched on the few-shot val split (β: 200 points from 0.1 to its scale, α: 20 points), never on
 test. Tip-Adapter-F trains K (AdamW lr 1e-3, eps 1e-4, cosine, 20 epochs, batch 256), keeps the best-val
@@ -14,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, FitData, MethodError, TrainConfig, register
+from .grid_search import VIEW_MEAN_HELP, view_mean
 
 # per dataset: initial alpha, search scale [beta, alpha] (methods.md §2.4, from the reference configs)
 DATASET_DEFAULTS = {
@@ -45,6 +46,7 @@ class TipAdapterConfig(TrainConfig):
         default="auto",
         metadata={"help": "auto (mean of augmented views if stored), clean, aug", "choices": ["auto", "clean", "aug"]},
     )
+    view_mean: str = field(default="raw", metadata={"help": VIEW_MEAN_HELP, "choices": ["raw", "normalised"]})
     logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0})
     precision: str = field(
         default="fp32",
@@ -147,7 +149,7 @@ class TipAdapter(Adapter):
         use_aug = cfg.keys_from == "aug" or (cfg.keys_from == "auto" and data.train_aug is not None)
         if use_aug and data.train_aug is None:
             raise MethodError("keys_from=aug needs a store extracted with --augment-views")
-        keys = F.normalize(data.train_aug.mean(1), dim=-1) if use_aug else data.train_x
+        keys = view_mean(data.train_aug, data.train_aug_norms, cfg.view_mean) if use_aug else data.train_x
         order = torch.argsort(data.train_y, stable=True)  # keys grouped by class: the value sum becomes a reshape
         self.keys = nn.Parameter(keys[order].clone(), requires_grad=self.trainable)
         self.key_labels = data.train_y[order].clone()

@@ -21,21 +21,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Adapter, FitData, MethodError, TrainConfig, register
+from .base import Adapter, FitData, MethodError, register
 from .grid_search import (
     ROWS,
+    SupportCacheConfig,
     affine_grid_counts,
     class_sum,
     combine,
     equal_shots,
-    first_best,
-    keys_from_views,
+    support_cache,
     to_targets,
+    unravel_best,
 )
 
 
 @dataclass
-class TipXConfig(TrainConfig):
+class TipXConfig(SupportCacheConfig):
     temperature: float = field(
         default=0.5, metadata={"help": "softmax temperature of the class distributions (tipx.py:139)", "gt": 0.0}
     )
@@ -52,9 +53,7 @@ class TipXConfig(TrainConfig):
         metadata={"help": "search alpha, beta, gamma on val (false: keep the ones set; without val rows the KL "
                   "rescaling then comes from the support keys' own ranges)"},
     )  # fmt: skip
-    alpha: float = field(default=1.0, metadata={"help": "cache weight with search=false", "ge": 0.0})
-    beta: float = field(default=1.0, metadata={"help": "cache affinity sharpness with search=false", "ge": 0.0})
-    gamma: float = field(default=0.1, metadata={"help": "KL-affinity weight with search=false", "ge": 0.0})
+    gamma: float = field(default=0.1, metadata={"help": "KL-affinity weight with search=false"})
     kl_range: str = field(
         default="val",
         metadata={"help": "val: rescale the KL with the val KL and cosine ranges, frozen at fit (per-image "
@@ -68,20 +67,6 @@ class TipXConfig(TrainConfig):
                   "1), the rows after the last full block of 100 keep KL 0, in val during the search and in each "
                   "scored batch (an image's logits then depend on its position)", "choices": ["all", "reference"]},
     )  # fmt: skip
-    views: str = field(
-        default="auto",
-        metadata={"help": "cache keys: mean (the reference averages 10 raw views, then normalises; the store keeps "
-                  "normalised views only, so this averages those and renormalises), clean (the plain train "
-                  "features), auto (mean when the store has views)", "choices": ["auto", "mean", "clean"]},
-    )  # fmt: skip
-    val_draw: str = field(
-        default="full",
-        metadata={"help": "val rows the search scores: full (the reference: the whole val split; on ImageNet it "
-                  "selects on the test split, featcache never does: use --val-from train), dassl (min(K,4) per "
-                  "class), k-shot (K per class)", "choices": ["dassl", "k-shot", "full"]},
-    )  # fmt: skip
-    logit_scale: float = field(default=100.0, metadata={"help": "CLIP's frozen exp(logit_scale)", "gt": 0.0})
-    epochs: int = field(default=0, metadata={"help": "training-free", "ge": 0})
 
 
 def rescale(x: torch.Tensor, x_lo, x_hi, t_lo, t_hi) -> torch.Tensor:
@@ -110,9 +95,7 @@ class TipX(Adapter):
             self.register_buffer(name, torch.tensor(float(getattr(config, name))))
 
     def setup(self, data: FitData) -> None:
-        keys = keys_from_views(data.train_x, data.train_aug, self.config.views)
-        order = torch.argsort(data.train_y, stable=True)
-        self.keys, self.key_labels = keys[order].clone(), data.train_y[order].clone()
+        self.keys, self.key_labels = support_cache(data, self.config)
         self.num_classes = torch.tensor(data.num_classes)
         self.class_text = data.text.clone()
 
@@ -174,12 +157,7 @@ class TipX(Adapter):
             return
         counts = self.grid_counts(x, data.val_y, data.text, kl)  # [alpha, beta, gamma]
         betas, alphas, gammas = self._grid()
-        best = first_best(counts)
-        if best is None:  # nothing scored: the reference's initial best_* = 0
-            a, b, g = 0.0, 0.0, 0.0
-        else:
-            ai, rest = divmod(best, len(betas) * len(gammas))
-            a, b, g = alphas[ai], betas[rest // len(gammas)], gammas[rest % len(gammas)]
+        a, b, g = unravel_best(counts, alphas, betas, gammas)
         self.alpha.fill_(a)
         self.beta.fill_(b)
         self.gamma.fill_(g)

@@ -31,6 +31,7 @@ class ZeroShotConfig(TrainConfig):
 class ZeroShot(Adapter):
     selection = "validation-free"
     trainable = False
+    needs_train = False  # no few-shot draw: any store with a test split, under any protocol, shots recorded as 0
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.config.logit_scale * images @ text.t()

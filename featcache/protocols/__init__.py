@@ -168,10 +168,15 @@ def build_task(
     val_from: "val" draws validation from the store's val split (CoOp/Dassl); "train" draws it from the
     train rows not chosen for training (for stores with no val split, e.g. ImageNet's CoOp scheme); "none"
     gives no validation set. val_draw: how many val rows per class (fewshot_draw): dassl, k-shot or full."""
-    if protocol not in PROTOCOLS:
-        raise MethodError(f"unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
+    _check_protocol(protocol)
     if val_from not in ("val", "train", "none"):
         raise MethodError(f"unknown val source '{val_from}'; use val, train or none")
+    if "train" not in store.splits:
+        raise MethodError(
+            f"{store.path.name} has no train split to draw shots from (it has: {', '.join(store.splits) or 'none'}); "
+            "extract it (featcache extract with --splits train), or fit a method that trains nothing "
+            "(--adapter zero-shot)"
+        )
     y_train = store.labels("train").tolist()  # draw on labels, then read only the drawn rows
     classnames = store.classnames
     has_val = val_from == "val" and "val" in store.splits  # no val split: methods that need one say so
@@ -184,7 +189,7 @@ def build_task(
         val_x, val_y = val.features, val.labels
     text_all = store.text(template).to(device)
     train = store.rows("train", rows, device=device)
-    tr_x, tr_y, tr_aug = train.features, train.labels, train.aug
+    tr_x, tr_y, tr_aug, tr_norms = train.features, train.labels, train.aug, train.aug_norms
 
     if protocol == "base2novel":
         base, novel = base_novel_split(tr_y.tolist())
@@ -196,12 +201,50 @@ def build_task(
     keep = torch.isin(tr_y, torch.tensor(classes, device=tr_y.device))
     fx, fy = select_classes(tr_x, tr_y, classes)
     faug = tr_aug[keep] if tr_aug is not None else None
+    fnorms = tr_norms[keep] if tr_norms is not None else None
+    projection = store.projection(device) if store.inputs == "pre-projection" else None
     if val_x is not None:
         val_x, val_y = select_classes(val_x, val_y, classes)
     fit = FitData(
         train_x=fx, train_y=fy, text=text_all[classes], val_x=val_x, val_y=val_y, train_aug=faug,
-        classnames=[classnames[c] for c in classes], protocol=protocol,
+        classnames=[classnames[c] for c in classes], protocol=protocol, train_aug_norms=fnorms, projection=projection,
     )  # fmt: skip
+
+    kept_rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+    loaders = _eval_loaders(store, protocol, base, novel, text_all, device)
+    return Task(protocol, shots, seed, fit, classes, kept_rows, vrows, loaders)
+
+
+def trainless_task(
+    store: Store, protocol: str = "base2novel", template: str | None = None, device: str | torch.device = "cpu"
+) -> Task:
+    """The protocol's evaluation sets for a method that trains nothing (zero-shot): no few-shot draw, so no train
+    or val split is read and none needs to exist. The classes are all of the store's (base-to-novel: the first
+    ceil(C/2) base, the rest novel, as a draw over every class would give); shots and rows are recorded as none."""
+    _check_protocol(protocol)
+    classnames = store.classnames
+    text_all = store.text(template).to(device)
+    everything = list(range(len(classnames)))
+    base, novel = base_novel_split(everything) if protocol == "base2novel" else (everything, [])
+    empty = torch.empty(0, text_all.shape[1], device=device)
+    fit = FitData(
+        train_x=empty, train_y=torch.empty(0, dtype=torch.long, device=device), text=text_all[base],
+        classnames=[classnames[c] for c in base], protocol=protocol,
+    )  # fmt: skip
+    return Task(protocol, 0, 0, fit, base, [], None, _eval_loaders(store, protocol, base, novel, text_all, device))
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise MethodError(f"unknown protocol '{protocol}'; use one of: {', '.join(PROTOCOLS)}")
+
+
+def _eval_loaders(
+    store: Store, protocol: str, base: list[int], novel: list[int], text_all: torch.Tensor, device
+) -> dict[str, Callable[[], EvalSet]]:
+    """Loaders of the protocol's test sets (read only when called, after fitting): base2novel's base and novel
+    classes, each among its own, or fewshot's one set of every trained class."""
+    classnames = store.classnames
 
     def loader(name: str, cls: list[int], seen: bool) -> Callable[[], EvalSet]:
         def load() -> EvalSet:
@@ -213,11 +256,8 @@ def build_task(
         return load
 
     if protocol == "base2novel":
-        loaders = {"base": loader("base", base, True), "novel": loader("novel", novel, False)}
-    else:
-        loaders = {"all": loader("all", classes, True)}
-    kept_rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
-    return Task(protocol, shots, seed, fit, classes, kept_rows, vrows, loaders)
+        return {"base": loader("base", base, True), "novel": loader("novel", novel, False)}
+    return {"all": loader("all", base, True)}
 
 
 def target_eval_set(

@@ -28,7 +28,7 @@ from ..api import DG_TARGETS
 from ..backbones import load_backbone
 from ..data import ImageDataset, augment_transform, collate, default_data_root, resolve_split
 from ..errors import DataError
-from ..evaluate import accuracy, harmonic_mean
+from ..evaluate import base_novel_metrics, evaluate
 from ..fsio import atomic_write, read_json, safe_torch_load, write_json
 from ..manifests import load_manifest
 from ..protocols import base_novel_split, fewshot_draw, rows_sha256, select_classes
@@ -339,20 +339,19 @@ def _evaluate(
             labels += [test.items[i].label for i in batch["pos"]]
     x, y = torch.cat(feats), torch.tensor(labels, device=bb.device)
 
-    def score(classes: list[int]) -> float | None:
+    def score(classes: list[int]) -> dict[str, float | None]:  # top-1 and top-5 (featcache.evaluate)
         if not classes:
-            return None
+            return {"acc": None, "acc5": None}
         xs, ys = select_classes(x, y, classes)
         names = [manifest.classnames[c] for c in classes]
         tokens = bb.tokenizer(_prompts(method, cfg, names)).to(bb.device)
         t = F.normalize(encode_text_truncated(bb.model, tokens), dim=-1)
-        return accuracy(zs, xs, ys, t)
+        return evaluate(zs, xs, ys, t)
 
-    b, n = score(base), score(novel)
+    b = score(base)
     if not novel:
-        return {"acc": None if b is None else round(b, 4)}
-    h = harmonic_mean(b, n)
-    return {"base_acc": round(b, 4), "novel_acc": round(n, 4), "hm": None if h is None else round(h, 4)}
+        return {k: None if v is None else round(v, 4) for k, v in b.items()}
+    return base_novel_metrics(b, score(novel))
 
 
 def evaluate_streaming_run(

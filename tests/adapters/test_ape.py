@@ -28,13 +28,14 @@ def _problem(n_classes=5, dim=12, k=3, noise=1.5, seed=0, dtype=torch.float64, n
     t = F.normalize(
         0.4 * means + 0.6 * F.normalize(torch.randn(n_classes, dim, generator=g, dtype=dtype), dim=-1), dim=-1
     )
-    return FitData(x, y, t, val_x=vx, val_y=vy, train_aug=aug)
+    norms = 1 + 4 * torch.rand(len(y), 3, generator=g, dtype=dtype)  # raw view = aug x norm
+    return FitData(x, y, t, val_x=vx, val_y=vy, train_aug=aug, train_aug_norms=norms)
 
 
 def test_criterion_equals_the_reference_loops():
     """utils.py:48-65 with only_use_txt=False, loop by loop (float64)."""
     d = _problem()
-    keys = F.normalize(d.train_aug.mean(1), dim=-1)
+    keys = F.normalize((d.train_aug * d.train_aug_norms[..., None]).mean(1), dim=-1)
     order = torch.argsort(d.train_y, stable=True)
     keys, labels = keys[order], d.train_y[order]
     n_cls, shots, dim = 5, 3, 12
@@ -56,7 +57,7 @@ def test_logits_by_hand():
     d = _problem()
     m = create_adapter("ape", dim=12, feat_num=7, w=[0.6, 0.4], search=False, alpha=1.25, beta=2.25, gamma=0.375)
     fit(m.double(), d)  # (alpha, beta, gamma: float32 buffers, so values exact in float32)
-    keys = F.normalize(d.train_aug.mean(1), dim=-1)  # mean of the (normalised) views, renormalised
+    keys = F.normalize((d.train_aug * d.train_aug_norms[..., None]).mean(1), dim=-1)  # mean of raw views, normalised
     order = torch.argsort(d.train_y, stable=True)
     keys, labels = keys[order], d.train_y[order]
     idx = torch.topk(ape_criterion(d.text, keys, labels, [0.6, 0.4]), k=7)[1]

@@ -191,7 +191,8 @@ def test_cli_fit_and_eval(digits_store, tmp_path, protocol):
     classes = 10 if protocol == "fewshot" else 5
     assert rec["method"] == "lp++" and rec["trainable_params"] == classes * (64 + 2) and rec["config"]["epochs"] == 300
     assert rec["selection"] == "few-shot-val" and rec["sampled"]["n_val"] == 4 * 10  # drawn over every class
-    keys = {"acc"} if protocol == "fewshot" else {"base_acc", "novel_acc", "hm"}
+    b2n = {f"{m}{k}" for m in ("base_acc", "novel_acc", "hm") for k in ("", "5")}  # top-1 and top-5
+    keys = {"acc", "acc5"} if protocol == "fewshot" else b2n
     assert set(rec["metrics"]) == keys and all(v is not None for v in rec["metrics"].values())
     e = runner.invoke(app, ["eval", "--run", str(tmp_path / "run"), "--dataset", "digits", "--cache-dir", str(cache)])
     assert e.exit_code == 0 and "digits -> digits  xd" in e.output, e.output + e.stderr

@@ -243,8 +243,9 @@ def test_augmented_views_are_sampled_per_epoch(tmp_path):
         task = build_task(st, "fewshot", shots=4, seed=1)
         assert task.fit.train_aug.shape == (40, 3, 32)
         tip = create_adapter("tip-adapter", dim=st.dim)
-        fit(tip, task.fit)  # keys = mean of the augmented views, renormalised
-        torch.testing.assert_close(tip.keys, F.normalize(task.fit.train_aug.mean(1), dim=-1))
+        fit(tip, task.fit)  # keys = mean of the raw augmented views (unit view x its norm), normalised
+        raw = task.fit.train_aug * task.fit.train_aug_norms[..., None]
+        torch.testing.assert_close(tip.keys, F.normalize(raw.mean(1), dim=-1))
         ca = create_adapter("clip-adapter", dim=st.dim, epochs=2, patience=0)
         clean = dataclasses.replace(task.fit, train_aug=None)
         a, b = create_adapter("clip-adapter", dim=st.dim, epochs=2, patience=0), ca

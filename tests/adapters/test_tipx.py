@@ -25,7 +25,8 @@ def _problem(n_classes=5, dim=12, k=3, noise=1.5, seed=0, dtype=torch.float64, n
     t = F.normalize(
         0.4 * means + 0.6 * F.normalize(torch.randn(n_classes, dim, generator=g, dtype=dtype), dim=-1), dim=-1
     )
-    return FitData(x, y, t, val_x=vx, val_y=vy, train_aug=aug)
+    norms = 1 + 4 * torch.rand(len(y), 3, generator=g, dtype=dtype)  # raw view = aug x norm
+    return FitData(x, y, t, val_x=vx, val_y=vy, train_aug=aug, train_aug_norms=norms)
 
 
 # the reference's functions (tipx.py:17-66), as written there
@@ -60,7 +61,7 @@ def scale_(x, target):
 
 def _keys(d):
     order = torch.argsort(d.train_y, stable=True)
-    return F.normalize(d.train_aug.mean(1), dim=-1)[order], d.train_y[order]
+    return F.normalize((d.train_aug * d.train_aug_norms[..., None]).mean(1), dim=-1)[order], d.train_y[order]
 
 
 def _reference_logits(d, keys, labels, test, alpha, beta, gamma):
@@ -156,7 +157,7 @@ def test_no_val_and_bad_options():
     with pytest.raises(MethodError, match="selects on a validation split"):
         fit(create_adapter("tip-x", dim=12), FitData(d.train_x, d.train_y, d.text))
     m = create_adapter("tip-x", dim=12, search=False)
-    fit(m, FitData(d.train_x, d.train_y, d.text, train_aug=d.train_aug))  # ranges from the support keys
+    fit(m, FitData(d.train_x, d.train_y, d.text, train_aug=d.train_aug, train_aug_norms=d.train_aug_norms))
     assert m.ranges[1] > m.ranges[0] and torch.isfinite(m(d.val_x, d.text)).all()
     with pytest.raises(MethodError, match="kl_range"):
         create_adapter("tip-x", kl_range="test")

@@ -30,7 +30,9 @@ def test_fit_every_method(cache, tmp_path, method):
         args += ["--set", "c=1.0"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output + r.stderr
-    assert "digits  base2novel 4-shot seed 1:  base" in r.output and "trainable parameters" in r.output
+    drawn = "no training" if method == "zero-shot" else "4-shot seed 1"  # zero-shot draws no shots
+    assert f"digits  base2novel {drawn}:  base" in r.output and "trainable parameters" in r.output
+    assert "(top-5: base " in r.output
     rec = json.loads(out.read_text())
     assert rec["method"] == method and rec["backbone"] == "featcache-tiny/random" and rec["config"]["epochs"] in (2,)
     assert ("novel n/a" in r.output) == (method == "linear-probe")
@@ -67,7 +69,7 @@ def test_lambda_reaches_mm_attn(cache, tmp_path):
     )
     assert r.exit_code == 0, r.stderr
     rec = json.loads(out.read_text())
-    assert rec["config"]["lam"] == 0.5 and rec["config"]["mask"] == "hard" and set(rec["metrics"]) == {"acc"}
+    assert rec["config"]["lam"] == 0.5 and rec["config"]["mask"] == "hard" and set(rec["metrics"]) == {"acc", "acc5"}
 
 
 @pytest.mark.parametrize(
@@ -77,7 +79,7 @@ def test_lambda_reaches_mm_attn(cache, tmp_path):
         (["--adapter", "clip-adapter", "--set", "depth=3"], "method 'clip-adapter' has no option 'depth'"),
         (["--adapter", "clip-adapter", "--set", "ratio"], "--set takes key=value"),
         (["--adapter", "clip-adapter", "--lambda", "0.3"], "method 'clip-adapter' has no option 'lam'"),
-        (["--adapter", "zero-shot", "--shots", "500"], "500 shots asked, but class"),
+        (["--adapter", "tip-adapter", "--shots", "500"], "500 shots asked, but class"),
         (["--adapter", "zero-shot", "--protocol", "xd"], "unknown protocol 'xd'"),
     ],
 )

@@ -54,7 +54,7 @@ def test_demo_extract_ls_info(tmp_path):
     [
         (["extract", "--dataset", "nope", "--backbone", "featcache-tiny/random"], "error: unknown dataset 'nope'"),
         (["extract", "--dataset", "digits", "--backbone", "ViT-B-16/openai"], "use ViT-B-16-quickgelu/openai"),
-        (["extract", "--backbone", "featcache-tiny/random"], "give exactly one of --dataset NAME or --manifest FILE"),
+        (["extract", "--backbone", "featcache-tiny/random"], "error: give --dataset NAME or --manifest FILE"),
         (
             ["extract", "--dataset", "digits", "--backbone", "featcache-tiny/random", "--split-scheme", "coop"],
             "no split scheme 'coop'",
