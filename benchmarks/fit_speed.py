@@ -42,9 +42,8 @@ parser.add_argument("--setting", default="all", choices=["all", "imagenet", "rea
 parser.add_argument("--classes", type=int, default=1000, help="imagenet setting's classes")
 parser.add_argument("--dim", type=int, default=512, help="imagenet setting's width")
 parser.add_argument("--shots", type=int, default=16)
-# coop runs a backbone's text encoder and prolip trains on pre-projection features, which a synthetic store has
-# none of (benchmarks/stream_speed.py times coop)
-CACHED = [m for m in list_adapters() if m not in ("coop", "prolip")]
+# coop runs a backbone's text encoder (benchmarks/stream_speed.py times it)
+CACHED = [m for m in list_adapters() if m != "coop"]
 parser.add_argument("--methods", default=",".join(CACHED), help="comma-separated, or none")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 parser.add_argument("--no-step-bench", action="store_true", help="skip the mm-attn one-step comparison")
@@ -70,7 +69,17 @@ def synthetic_npz(path: Path, classes: int, dim: int, per_class=(16, 4, 50), see
         labels = torch.arange(classes).repeat(k)
         x = F.normalize(means[labels] + 1.2 * torch.randn(len(labels), dim, generator=g) / dim**0.5, dim=-1)
         arrays[f"{split}_features"], arrays[f"{split}_labels"] = x.numpy(), labels.numpy()
-    np.savez(path, **arrays)
+    np.savez(path, **with_pre_projection(arrays, dim, g))
+
+
+def with_pre_projection(arrays: dict, dim: int, g: torch.Generator) -> dict:
+    """Pre-projection features for prolip: pre = x Rᵀ with R a random rotation stored as the projection, so
+    normalize(pre R) gives back the features exactly (a ViT-B/16's W = 768 would only change the widths)."""
+    rot = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0].float()
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_pre"] = (torch.from_numpy(arrays[f"{split}_features"]) @ rot.t()).numpy()
+    arrays["projection_weight"] = rot.numpy()
+    return arrays
 
 
 def realistic_npz(path: Path, classes: int = 196, dim: int = 512, per_class=(16, 4, 50), seed: int = 0,
@@ -96,7 +105,7 @@ def realistic_npz(path: Path, classes: int = 196, dim: int = 512, per_class=(16,
              + aniso * (torch.randn(n, dim, generator=g) * spectrum) @ basis.t()
              + iso * torch.randn(n, dim, generator=g) / dim**0.5)  # fmt: skip
         arrays[f"{split}_features"], arrays[f"{split}_labels"] = F.normalize(x, dim=-1).numpy(), labels.numpy()
-    np.savez(path, **arrays)
+    np.savez(path, **with_pre_projection(arrays, dim, g))
 
 
 SETTINGS = {

@@ -98,7 +98,7 @@ def run_demo(
     else:
         backbone = f"{DEMO_ARCH}/{pretrain_tiny(cache, echo)}"
     t0 = time.perf_counter()
-    path = extract(DEMO_DATASET, backbone, cache_dir=cache, workers=workers, progress=True)
+    path = extract(DEMO_DATASET, backbone, cache_dir=cache, workers=workers, progress=True, pre_projection=True)
     with Store.open(path) as st:
         s = st.summary()
     echo(f"\nstore ready in {time.perf_counter() - t0:.1f} s: {s['path']} ({s['size_mb']} MB)")
@@ -113,7 +113,8 @@ def run_demo(
     sweep = load_sweep(sweep_file("digits"))
     sweep.jobs = [dataclasses.replace(j, backbone=backbone) for j in sweep.jobs]
     todo = len(pending(sweep, results))
-    echo(f"\nrunning the digits sweep (every cached method, base-to-novel: fit on digits 0-4, 16 shots, seeds 1-3)"
+    echo(f"\nrunning the digits sweep (every cached-feature method but CoOp, base-to-novel: fit on digits 0-4, "
+         "16 shots, seeds 1-3)"
          f" -> {results}")  # fmt: skip
     if todo < len(sweep.jobs):
         echo(f"  reusing {len(sweep.jobs) - todo} of {len(sweep.jobs)} runs already recorded there "

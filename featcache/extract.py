@@ -165,6 +165,8 @@ def extract(
 
     spec = backbone.spec if isinstance(backbone, Backbone) else parse_backbone(backbone)
     path = store_path(cache_dir, spec.id, manifest.id, scheme.name)
+    if not pre_projection and not overwrite and _has_pre_projection(path):
+        pre_projection = True  # the store keeps more than asked: extend it as it is rather than refuse it
     _, size, local_rank = shards.world()  # under torchrun: this rank's share, one GPU per local rank
     shards.check_layout(path, size)
     if size > 1 and not isinstance(backbone, Backbone):
@@ -303,6 +305,14 @@ def _check_options(dtype: str, batch_size: int, workers: int | None, augment_vie
         raise DataError(f"--workers must be 0 or more, got {workers}")
     if augment_views < 0:
         raise DataError(f"--augment-views must be 0 or more, got {augment_views}")
+
+
+def _has_pre_projection(path: Path) -> bool:
+    try:
+        with Store.open(path) as st:
+            return st.fingerprint.get("pre_projection") == "on"
+    except (StoreError, OSError):
+        return False
 
 
 def _up_to_date(path: Path, wanted: dict[str, Any], splits: list[str]) -> bool:

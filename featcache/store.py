@@ -84,6 +84,7 @@ _CHUNK_ROWS = 4096
 # chunks about 250 MB, where 256 KiB chunks touch nearly every chunk of the 1.3 GB split) and the rewrite of a
 # batch's chunks small; whole-split reads pay a few microseconds per chunk (benchmarks/store_scale.py).
 _CHUNK_BYTES = 16 * 1024
+_CALL_BYTES = 64 * 1024  # what one h5py read call costs in time, in bytes read (about 50 us at 1.3 GB/s)
 # per-row datasets of a split: resized together at finish, checked together on resume
 ROW_DATASETS = ("features", "labels", "ids", "aug", "norms", "aug_norms", "pre", "pre_aug")
 _LOCK_WAIT_S = 1.0  # a writer that just finished releases at once; a live one is not waited for
@@ -549,6 +550,8 @@ class Store:
         per = d.chunks[0] if d.chunks else d.shape[0]
         chunk = uniq // per
         runs = np.split(np.arange(len(uniq)), np.flatnonzero(np.diff(chunk) > 1) + 1)
+        if len(runs) * _CALL_BYTES >= d.size * d.dtype.itemsize:  # small (labels, ids): one read beats many calls
+            return self._read(d)[uniq]
         out = np.empty((len(uniq), *d.shape[1:]), dtype=d.dtype)
         for run in runs:
             lo, hi = int(chunk[run[0]]) * per, min(d.shape[0], (int(chunk[run[-1]]) + 1) * per)

@@ -230,6 +230,11 @@ def _bundled(manifest: Any) -> bool:
     return Path(manifest.path).resolve().parent == manifest_dir().resolve()
 
 
+def _pre_projection(method: str) -> bool:
+    """Whether a method trains on pre-projection features (prolip): its store needs `extract --pre-projection`."""
+    return method in list_adapters() and _entry(method).cls.inputs == "pre-projection"
+
+
 def missing_stores(sweep: Sweep, cache_dir: str | Path | None) -> list[tuple[str, str, str]]:
     """(backbone, dataset, extract command) for every store the sweep needs that does not exist."""
     from .extract import store_path
@@ -237,13 +242,14 @@ def missing_stores(sweep: Sweep, cache_dir: str | Path | None) -> list[tuple[str
     # full-backbone methods read images, not stores (a coop run reads a store: it stays in)
     streamed = _streamed()
     need = {(j.backbone, d) for j in sweep.jobs if j.method not in streamed for d in (j.dataset, *j.targets)}
+    pre = {(j.backbone, d) for j in sweep.jobs if _pre_projection(j.method) for d in (j.dataset, *j.targets)}
     out = []
     for b, d in sorted(need):
         m = load_manifest(d)
         if not store_path(cache_dir, b, m.id, m.default_scheme).exists():
             source = f"--dataset {d}" if _bundled(m) else f"--manifest {d}"  # a manifest path is extracted as one
             cmd = f"featcache extract {source} --backbone {b}" + (f" --cache-dir {cache_dir}" if cache_dir else "")
-            out.append((b, d, cmd))
+            out.append((b, d, cmd + (" --pre-projection" if (b, d) in pre else "")))
     return out
 
 

@@ -120,3 +120,16 @@ def pre_store(tmp_path_factory, tiny) -> Path:
     cache = tmp_path_factory.mktemp("pre")
     return extract("digits", tiny, cache_dir=cache, workers=0, batch_size=512, progress=False, pre_projection=True,
                    augment_views=2, dtype="float32")  # fmt: skip
+
+
+def flip_chunk_bytes(path: Path, dataset: str, at: int = 8) -> None:
+    """Corrupt four bytes inside the first chunk of an HDF5 dataset (what a bad disk sector does)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        off = f[dataset].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(off + at)
+        b = fh.read(4)
+        fh.seek(off + at)
+        fh.write(bytes(x ^ 0x5A for x in b))

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import flip_chunk_bytes
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -276,21 +277,11 @@ def test_cli_negative_augment_views_is_a_bad_value_not_a_bad_image(tmp_path):
     assert not any(tmp_path.rglob("*.h5*"))
 
 
-def _flip(path: Path, dataset: str, at: int = 8) -> None:
-    with h5py.File(path, "r") as f:
-        off = f[dataset].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:
-        fh.seek(off + at)
-        b = fh.read(4)
-        fh.seek(off + at)
-        fh.write(bytes(x ^ 0x5A for x in b))
-
-
 def test_flipped_bytes_in_a_chunk_are_an_error_naming_the_store(tmp_path, clean):
     p = tmp_path / "copy.h5"
     shutil.copyfile(clean, p)
-    _flip(p, "/splits/val/features")
-    _flip(p, "/splits/val/ids")
+    flip_chunk_bytes(p, "/splits/val/features")
+    flip_chunk_bytes(p, "/splits/val/ids")
     with Store.open(p) as st:
         with pytest.raises(StoreError, match=rf"^{p} is corrupt \(checksum failed reading /splits/val/features\); "
                                              "delete it and extract again$"):  # fmt: skip

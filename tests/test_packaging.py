@@ -61,4 +61,4 @@ def test_wheel_carries_manifests_and_works_when_installed(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     where, n, kind, jobs = out.stdout.split()
-    assert where.startswith(str(target)) and n == "10" and kind == "random" and jobs == "21"
+    assert where.startswith(str(target)) and n == "10" and kind == "random" and jobs == "45"

@@ -56,11 +56,18 @@ def test_vit_pre_projection_is_ln_post_token_before_proj(pre_store, tiny):
 
 
 def test_pre_projection_is_part_of_the_fingerprint(pre_store, tiny, digits_store):
+    # a store that keeps pre-projection features serves a request without them (it keeps more, not other rows)
+    same = extract("digits", tiny, cache_dir=pre_store.parent.parent, workers=0, progress=False, augment_views=2,
+                   dtype="float32", splits=["val"])  # fmt: skip
+    assert same == pre_store
+    with Store.open(pre_store) as st:
+        assert st.fingerprint["pre_projection"] == "on" and st.has_pre_projection
+    # one made without them cannot grow them for its finished rows: refused, naming the field and the fix
     with pytest.raises(
-        FingerprintMismatch, match="'pre_projection' differs: store has 'on', expected 'off'.*--overwrite"
+        FingerprintMismatch, match="'pre_projection' differs: store has 'off', expected 'on'.*--overwrite"
     ):
-        extract("digits", tiny, cache_dir=pre_store.parent.parent, workers=0, progress=False, augment_views=2,
-                dtype="float32", splits=["val"])  # fmt: skip
+        extract("digits", tiny, cache_dir=digits_store.parent.parent, workers=0, progress=False,
+                pre_projection=True, splits=["val"])  # fmt: skip
     with Store.open(digits_store) as st:  # made without it: the readers name the fix
         assert st.fingerprint["pre_projection"] == "off" and not st.has_pre_projection
         with pytest.raises(StoreError, match=r"no pre-projection features; re-extract with --pre-projection"):
@@ -224,5 +231,7 @@ def test_cli_extract_pre_projection(tmp_path):
     path = tmp_path / "featcache-tiny__random" / "digits__fixed.h5"
     with Store.open(path) as st:
         assert st.fingerprint["pre_projection"] == "on" and st.pre_features("val").features.shape == (360, 64)
-    r = CliRunner().invoke(app, args[:-1])  # the same store without it: refused, naming the field and the fix
-    assert r.exit_code == 1 and "'pre_projection' differs" in r.output and "--overwrite" in r.output, r.output
+    r = CliRunner().invoke(app, args[:-1])  # the same store without it: kept as it is, up to date
+    assert r.exit_code == 0, r.output
+    with Store.open(path) as st:
+        assert st.fingerprint["pre_projection"] == "on"

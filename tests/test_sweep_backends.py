@@ -201,6 +201,8 @@ def test_streaming_run_with_two_tasks_is_distributed(tmp_path, cache):
     assert run_sweep(sweep, out, cache_dir=cache, progress=False, cluster=opts, echo=lambda _: None)["done"] == 1
     (a,), (b,) = read_records(ref), read_records(out)
     assert a["metrics"] == b["metrics"]
+    la, lb = a["fit"]["history"][0]["loss"], b["fit"]["history"][0]["loss"]
+    assert abs(la - lb) < 1e-4 * max(1.0, abs(la))  # the mean over both ranks' rows, not rank 0's share
     logs = folder_for(opts, out) / "logs"
     assert len(list(logs.glob("*_1_log.err"))) == 1  # a second task ran
 

@@ -221,6 +221,12 @@ def fit_streaming(
             step += 1
             total, n = total + loss.item() * len(labels), n + len(labels)
             bar.update(1)
+        if world > 1:  # the epoch's mean loss over every rank's rows, not rank 0's share alone
+            import torch.distributed as dist
+
+            sums = torch.tensor([total, float(n)], dtype=torch.float64, device=bb.device)
+            dist.all_reduce(sums)
+            total, n = float(sums[0]), int(sums[1])
         history.append({"epoch": epoch + 1, "loss": total / max(1, n)})
         if ckpt is not None and rank == 0:  # resumable: a killed run restarts from the last finished epoch
             ckpt_dir.mkdir(parents=True, exist_ok=True)

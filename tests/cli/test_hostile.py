@@ -12,10 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import flip_chunk_bytes
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -35,16 +35,6 @@ def _tree(root: Path, skip: Path) -> dict[str, str]:
         if p.is_file() and skip not in p.parents:
             out[str(p.relative_to(root))] = hashlib.sha1(p.read_bytes()).hexdigest()
     return out
-
-
-def _flip(path: Path, dataset: str, at: int = 8) -> None:
-    with h5py.File(path, "r") as f:
-        off = f[dataset].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as fh:
-        fh.seek(off + at)
-        b = fh.read(4)
-        fh.seek(off + at)
-        fh.write(bytes(x ^ 0x5A for x in b))
 
 
 def _manifest(scheme: str = "coop", split_file: str = "mine/split.json") -> dict:
@@ -93,7 +83,7 @@ def sandbox(tmp_path_factory):
     # a copy of the store with a few flipped bytes inside a feature chunk
     corrupt = top / "corrupt-cache"
     shutil.copytree(cache, corrupt)
-    _flip(next(corrupt.rglob("digits__fixed.h5")), "/splits/test/features")
+    flip_chunk_bytes(next(corrupt.rglob("digits__fixed.h5")), "/splits/test/features")
     (top / "results.jsonl").write_text('{"method": "zero-shot"}\n{"method": "zero\n{"method": "x"}\n')
     return top
 

@@ -28,7 +28,7 @@ def test_demo_pretrains_then_teaches(tmp_path):
     assert zs and float(zs[1]) > 50 and float(zs[2]) > 50
     assert "raised base accuracy for" in r.output and "featcache plot" in r.output
     r = run("demo", "--cache-dir", tmp_path)
-    assert "reusing the pretrained tiny CLIP" in r.output and "reusing 21 of 21 runs already recorded" in r.output
+    assert "reusing the pretrained tiny CLIP" in r.output and "reusing 45 of 45 runs already recorded" in r.output
 
 
 def test_demo_extract_ls_info(tmp_path):
