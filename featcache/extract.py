@@ -151,18 +151,6 @@ def extract(
         raise DataError("--augment-views applies to classification datasets; retrieval stores keep clean views")
     bb_device = backbone.device if isinstance(backbone, Backbone) else pick_device(device)
     bb_precision = backbone.precision if isinstance(backbone, Backbone) else pick_precision(precision, bb_device)
-    root = Path(data_root).expanduser() if data_root else default_data_root()
-    if download_data:
-        download(manifest, scheme, root)
-    if retrieval:  # rows are the images (or video frames), labelled with their item; captions beside them
-        from .retrieval_data import resolve_retrieval_split
-
-        captioned = {s: resolve_retrieval_split(manifest, scheme, s, root) for s in splits}
-        resolved = {s: SplitItems(s, r.frames, r.source) for s, r in captioned.items()}
-    else:
-        captioned = {}
-        resolved = {s: resolve_split(manifest, scheme, s, root) for s in splits}
-
     spec = backbone.spec if isinstance(backbone, Backbone) else parse_backbone(backbone)
     path = store_path(cache_dir, spec.id, manifest.id, scheme.name)
     if not pre_projection and not overwrite and _has_pre_projection(path):
@@ -184,7 +172,19 @@ def extract(
     }
     if not overwrite and spec.kind in ("tag", "random", "hf-hub") and _up_to_date(path, wanted, splits):
         log.info("%s is up to date", path)
-        return path
+        return path  # before the items are listed: a finished webdataset or ImageNet store answers at once
+
+    root = Path(data_root).expanduser() if data_root else default_data_root()
+    if download_data:
+        download(manifest, scheme, root)
+    if retrieval:  # rows are the images (or video frames), labelled with their item; captions beside them
+        from .retrieval_data import resolve_retrieval_split
+
+        captioned = {s: resolve_retrieval_split(manifest, scheme, s, root) for s in splits}
+        resolved = {s: SplitItems(s, r.frames, r.source) for s, r in captioned.items()}
+    else:
+        captioned = {}
+        resolved = {s: resolve_split(manifest, scheme, s, root) for s in splits}
 
     bb = (
         backbone

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import FeatcacheError
+from .fsio import atomic_write
 from .leaderboard import METRICS, format_cells, leaderboard
 from .results import read_records
 
@@ -44,13 +45,19 @@ def _table(wide, protocol: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _plot_png(results: Path, kind: str) -> str | None:
+def _has_top5(records: list[dict[str, Any]], protocol: str) -> bool:
+    """Records written before top-5 was recorded have none: their table would be empty."""
+    keys = ("acc5", "base_acc5")
+    return any(r.get("protocol") == protocol and any(k in (r.get("metrics") or {}) for k in keys) for r in records)
+
+
+def _plot_png(results: Path, kind: str, metric: str = "acc") -> str | None:
     """The plot as a base64 PNG, or None when matplotlib is missing or there is nothing to plot."""
     from .plots import plot
 
     with tempfile.TemporaryDirectory() as d:
         try:
-            path = plot(results, kind, Path(d) / f"{kind}.png")
+            path = plot(results, kind, Path(d) / f"{kind}.png", metric=metric)
         except FeatcacheError:
             return None
         return base64.b64encode(path.read_bytes()).decode()
@@ -61,7 +68,7 @@ def _run_summary(r: dict[str, Any]) -> str:
     if r.get("error"):
         score = f"failed: {r['error']}"
     elif r.get("protocol") == "base2novel":
-        score = "  ".join(f"{k} {m.get(k)}" for k in ("base_acc", "novel_acc", "hm"))
+        score = "  ".join(f"{k} {m.get(k)}" for k in ("base_acc", "novel_acc", "hm", "base_acc5", "novel_acc5"))
     else:
         score = "  ".join(f"{k} {v}" for k, v in m.items() if k in ("acc", "acc5", "t2i_r1", "t2v_r1"))
     where = r.get("dataset", "?") + (f" -> {r['eval_dataset']}" if r.get("eval_dataset") else "")
@@ -86,11 +93,17 @@ def build_report(results: str | Path) -> str:
         wide, _ = leaderboard(records, protocol)
         if wide.empty:
             continue
-        parts.append(f"<h2>Leaderboard: {protocol}</h2>{_table(wide, protocol)}")
+        parts.append(f"<h2>Leaderboard: {protocol} (top-1)</h2>{_table(wide, protocol)}")
         kind = {"base2novel": "base-novel", "fewshot": "shots"}.get(protocol)
         png = _plot_png(results, kind) if kind else None
         if png:
             parts.append(f'<img alt="{kind} plot" src="data:image/png;base64,{png}">')
+        if protocol != "retrieval" and _has_top5(records, protocol):
+            wide5, _ = leaderboard(records, protocol, metric="acc5")
+            parts.append(f"<h3>{protocol}: top-5</h3>{_table(wide5, protocol)}")
+            png = _plot_png(results, kind, "acc5") if kind else None
+            if png:
+                parts.append(f'<img alt="{kind} plot, top-5" src="data:image/png;base64,{png}">')
     parts.append(f"<h2>Runs ({len(records)})</h2>")
     for r in records:
         body = html.escape(json.dumps(r, indent=2, sort_keys=True, default=str))
@@ -101,14 +114,5 @@ def build_report(results: str | Path) -> str:
 
 def write_report(results: str | Path, out: str | Path) -> Path:
     """Write the report to `out` through a temporary name (a reader never sees half a page)."""
-    text = build_report(results)
-    out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise FeatcacheError(f"could not write {out}: {e.strerror or e}") from None
-    return out
+    data = build_report(results).encode("utf-8")
+    return atomic_write(out, lambda f: f.write(data))

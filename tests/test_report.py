@@ -67,6 +67,23 @@ def test_report_holds_tables_plots_and_every_run(tmp_path):
     assert not list(out.parent.glob(".*tmp"))
 
 
+def test_report_adds_top5_tables_where_records_hold_top5(tmp_path):
+    res = tmp_path / "r.jsonl"
+    for seed, b5 in ((1, 95.0), (2, 97.0)):
+        append_record(res, Record(
+            method="zero-shot", dataset="dtd", backbone="ViT-B-16/openai", protocol="base2novel", shots=0, seed=seed,
+            metrics={"base_acc": 80.0, "novel_acc": 70.0, "hm": 74.67, "base_acc5": b5, "novel_acc5": 90.0,
+                     "hm5": 2 * b5 * 90.0 / (b5 + 90.0)},
+            fit_seconds=0.0, trainable_params=0, config={}, store={}, sampled={}, versions={},
+        ))  # fmt: skip
+    out = tmp_path / "report.html"
+    assert runner.invoke(app, ["report", str(res), "--out", str(out)]).exit_code == 0
+    page = _Page()
+    page.feed(out.read_text())
+    assert page.tags["table"] == 2 and "base2novel: top-5" in out.read_text()  # top-1 and top-5
+    assert "96.00±1.00" in page.cells  # top-5 base over the 2 seeds
+
+
 def test_report_refuses_missing_or_empty_results(tmp_path):
     r = runner.invoke(app, ["report", str(tmp_path / "none.jsonl")])
     assert r.exit_code == 1 and r.stderr.startswith("error: no results file at")

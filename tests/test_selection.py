@@ -27,7 +27,10 @@ def test_every_method_declares_its_selection():
         assert _entry(name).cls.selection in DECLARED, name
     want = {"zero-shot": "validation-free", "linear-probe": "few-shot-val", "clip-adapter": "few-shot-val",
             "tip-adapter": "few-shot-val", "tip-adapter-f": "few-shot-val", "mm-attn": "few-shot-val",
-            "coop": "validation-free", "taskres": "validation-free"}  # fmt: skip
+            "coop": "validation-free", "taskres": "validation-free", "gda": "val", "ape": "val", "tip-x": "val",
+            "lp++": "few-shot-val", "zs-lp": "validation-free", "clap": "validation-free",
+            "prolip": "validation-free"}  # fmt: skip
+    assert set(want) == set(list_adapters())  # a new method declares (and this test states) how it selects
     assert {k: _entry(k).cls.selection for k in want} == want
     assert LayerMMA.selection == MaPLe.selection == CrossModalAdapter.selection == "validation-free"
 
@@ -43,6 +46,8 @@ def test_whether_a_method_selects_follows_its_config():
     assert uses("tip-adapter-f", search=False)  # still keeps its best-val epoch
     assert uses("linear-probe") and not uses("linear-probe", c=1.0)
     assert uses("mm-attn") and uses("gda") and not uses("gda", search=False)
+    assert not uses("prolip") and uses("prolip", search=True) and not uses("zs-lp") and not uses("clap")
+    assert uses("ape") and uses("tip-x") and not uses("tip-x", search=False)
 
 
 @pytest.fixture(scope="module")

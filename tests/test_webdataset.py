@@ -242,6 +242,9 @@ def test_cli_extract_from_shards(twin, tmp_path):
             str(tmp_path / "c"), "--workers", "0", "--quiet"]  # fmt: skip
     ok = CliRunner().invoke(app, [*args, "--data-root", str(data)])
     assert ok.exit_code == 0, ok.output
+    again = CliRunner().invoke(app, [*args, "--data-root", str(tmp_path / "nowhere")])
+    assert again.exit_code == 0, again.output  # up to date: answered before any shard is listed
+    args[args.index("--cache-dir") + 1] = str(tmp_path / "other")
     bad = CliRunner().invoke(app, [*args, "--data-root", str(tmp_path / "nowhere")])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1
     assert bad.output.startswith("error: toywds (shards): shard ") and "not found" in bad.output
