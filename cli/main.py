@@ -164,8 +164,8 @@ def extract(
 def import_(
     file: Path = typer.Argument(
         ...,
-        help="An .npz with train_features, train_labels, text_features, classnames (+ optional val_*/test_*; "
-        "for prolip <split>_pre and projection_weight [+ projection_bias]).",
+        help="An .npz with text_features, classnames and <split>_features/<split>_labels for train, val and/or "
+        "test (test alone serves zero-shot; for prolip <split>_pre and projection_weight [+ projection_bias]).",
     ),
     name: str = typer.Option(..., help="Name to address the store by (fit --name NAME)."),
     cache_dir: Path | None = typer.Option(None, help=CACHE_HELP),

@@ -156,8 +156,9 @@ def import_npz(
     dtype: str = "float16",
     overwrite: bool = False,
 ) -> Path:
-    """An .npz with train_features/train_labels (+ optional val_*, test_*), text_features and classnames; optionally
-    `<split>_pre` (raw pre-projection features, every split) with `projection_weight` [W, D] (+ `projection_bias`)."""
+    """An .npz with text_features, classnames and the features/labels of at least one split (train_*, val_*,
+    test_*: a test-only import serves zero-shot and `eval` of saved runs); optionally `<split>_pre` (raw
+    pre-projection features, every split) with `projection_weight` [W, D] (+ `projection_bias`)."""
     file = Path(file).expanduser()
     if not file.is_file():
         raise StoreError(f"no such file: {file}")
@@ -166,9 +167,12 @@ def import_npz(
     except Exception as e:
         raise StoreError(f"{file}: not a readable .npz file ({e})") from e
     keys = set(z.files)
-    for need in ("train_features", "train_labels", "text_features", "classnames"):
+    for need in ("text_features", "classnames"):
         if need not in keys:
             raise StoreError(f"{file}: missing array '{need}' (has: {', '.join(sorted(keys))})")
+    if not any(f"{s}_features" in keys for s in ("train", "val", "test")):
+        raise StoreError(f"{file}: no split to import; give train_features/train_labels, val_* or test_* "
+                         f"(has: {', '.join(sorted(keys))})")  # fmt: skip
     classnames = [str(c) for c in _array(z, "classnames", file).tolist()]
     splits = {}
     for s in ("train", "val", "test"):

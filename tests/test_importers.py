@@ -47,10 +47,22 @@ def test_npz_with_template_stack_and_only_train(tmp_path):
         assert st.splits == ["train"] and st.text_all().shape == (4, 3, 8) and len(st.templates) == 4
 
 
+def test_npz_with_only_a_test_split_serves_zero_shot(tmp_path):
+    from featcache.api import fit_method
+
+    src = tmp_path / "f.npz"
+    _npz(src, train_features=1, train_labels=1, val_features=1, val_labels=1)
+    with Store.open(import_npz(src, "t", cache_dir=tmp_path)) as st:
+        assert st.splits == ["test"]
+    rec = fit_method("zero-shot", name="t", cache_dir=tmp_path, protocol="fewshot").record
+    assert rec.metrics["acc"] is not None and rec.sampled["n_train"] == 0
+
+
 @pytest.mark.parametrize(
     "drop,msg",
     [
         ({"text_features": 1}, "missing array 'text_features'"),
+        ({k: 1 for s in ("train", "val", "test") for k in (f"{s}_features", f"{s}_labels")}, "no split to import"),
         ({"test_labels": 1}, "has test_features but no test_labels"),
     ],
 )
