@@ -156,6 +156,11 @@ def extract(
     if not pre_projection and not overwrite and _has_pre_projection(path):
         pre_projection = True  # the store keeps more than asked: extend it as it is rather than refuse it
     _, size, local_rank = shards.world()  # under torchrun: this rank's share, one GPU per local rank
+    if size > 1 and download_data:
+        raise DataError(
+            "--download runs in one process: fetch the data first (the same extract command with "
+            "--download, outside torchrun, or your own copy), then rerun under torchrun without it"
+        )
     shards.check_layout(path, size)
     if size > 1 and not isinstance(backbone, Backbone):
         bb_device = shards.rank_device(bb_device, local_rank)

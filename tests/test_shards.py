@@ -53,13 +53,23 @@ def test_shares_cover_every_item_once():
 
 
 def test_two_processes_equal_one(tmp_path, tiny):
-    """digits with two augmented views per training image: the views keep their one-process seeds."""
-    r = torchrun("--dataset", "digits", "--cache-dir", str(tmp_path / "two"), "--augment-views", "2")
+    """digits with two augmented views per training image and pre-projection features: the views keep their
+    one-process seeds, and the raw norms, pre-projection rows and the projection come through the assembly."""
+    r = torchrun("--dataset", "digits", "--cache-dir", str(tmp_path / "two"), "--augment-views", "2",
+                 "--pre-projection")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("store: ") == 1  # one summary, from rank 0
     two = next((tmp_path / "two").rglob("*.h5"))
-    one = extract("digits", tiny, cache_dir=tmp_path / "one", workers=0, augment_views=2, progress=False)
+    one = extract("digits", tiny, cache_dir=tmp_path / "one", workers=0, augment_views=2, progress=False,
+                  pre_projection=True)  # fmt: skip
     assert_same_store(two, one)
+    with Store.open(two) as a, Store.open(one) as b:
+        for s in a.splits:
+            pa, pb = a.pre_features(s), b.pre_features(s)
+            np.testing.assert_allclose(pa.features, pb.features, rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(a.norms(s), b.norms(s), rtol=1e-4)
+        np.testing.assert_allclose(a.split("train").aug_norms, b.split("train").aug_norms, rtol=1e-4)
+        np.testing.assert_array_equal(a.projection()[0], b.projection()[0])
     assert sorted(p.name for p in two.parent.iterdir()) == ["digits__fixed.h5", "digits__fixed.h5.lock"]
 
 
