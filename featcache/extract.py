@@ -153,7 +153,8 @@ def extract(
     bb_precision = backbone.precision if isinstance(backbone, Backbone) else pick_precision(precision, bb_device)
     spec = backbone.spec if isinstance(backbone, Backbone) else parse_backbone(backbone)
     path = store_path(cache_dir, spec.id, manifest.id, scheme.name)
-    if not pre_projection and not overwrite and _has_pre_projection(path):
+    existing = None if overwrite else _existing(path)
+    if not pre_projection and existing and existing[0].get("pre_projection") == "on":
         pre_projection = True  # the store keeps more than asked: extend it as it is rather than refuse it
     _, size, local_rank = shards.world()  # under torchrun: this rank's share, one GPU per local rank
     if size > 1 and download_data:
@@ -175,7 +176,7 @@ def extract(
         "dtype": dtype,
         "pre_projection": "on" if pre_projection else "off",
     }
-    if not overwrite and spec.kind in ("tag", "random", "hf-hub") and _up_to_date(path, wanted, splits):
+    if not overwrite and spec.kind in ("tag", "random", "hf-hub") and _up_to_date(existing, wanted, splits):
         log.info("%s is up to date", path)
         return path  # before the items are listed: a finished webdataset or ImageNet store answers at once
 
@@ -259,8 +260,7 @@ def _extract_sharded(path, fingerprint, extra, overwrite, bb, manifest, splits, 
                 lo, hi = shards.share(len(items.items), rank, size)
 
                 def seen(done: int, b: int = base) -> None:
-                    count.report(b + done)
-                    if rank == 0:
+                    if count.report(b + done) and rank == 0:  # the other ranks' files, once a second
                         bar.n = count.total()
                         bar.refresh()
 
@@ -312,23 +312,25 @@ def _check_options(dtype: str, batch_size: int, workers: int | None, augment_vie
         raise DataError(f"--augment-views must be 0 or more, got {augment_views}")
 
 
-def _has_pre_projection(path: Path) -> bool:
-    try:
-        with Store.open(path) as st:
-            return st.fingerprint.get("pre_projection") == "on"
-    except (StoreError, OSError):
-        return False
-
-
-def _up_to_date(path: Path, wanted: dict[str, Any], splits: list[str]) -> bool:
+def _existing(path: Path) -> tuple[dict[str, Any], list[str]] | None:
+    """(fingerprint, splits) of a complete store at `path`, read once; None when there is none to reuse."""
     if not path.exists():
-        return False
+        return None
     try:
         with Store.open(path) as st:
-            check_fingerprint(st.fingerprint, wanted, str(path))
-            return all(s in st.splits for s in splits)
+            return dict(st.fingerprint), list(st.splits)
+    except (StoreError, OSError):
+        return None
+
+
+def _up_to_date(existing: tuple[dict[str, Any], list[str]] | None, wanted: dict[str, Any], splits: list[str]) -> bool:
+    if existing is None:
+        return False
+    try:
+        check_fingerprint(existing[0], wanted, "")
     except StoreError:
         return False
+    return all(s in existing[1] for s in splits)
 
 
 def _extract_split(writer, bb, split_items, batch_size, workers, views, aug_seed, skip_bad, pre_dim, progress,

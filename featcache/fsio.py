@@ -24,6 +24,8 @@ def atomic_write(path: str | Path, write_fn: Callable[[IO[bytes]], Any]) -> Path
     file is removed and the old `path`, if any, is left as it was; an OSError (full disk, permissions) becomes
     a one-line FeatcacheError."""
     path = Path(path).expanduser()
+    if not path.name or path.is_dir():
+        raise FeatcacheError(f"{path} is a folder; give the path of a file to write")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -107,10 +107,14 @@ def load_manifest(name_or_path: str | Path) -> Manifest:
             )
     if not p.exists():
         raise ManifestError(f"manifest file not found: {p}")
+    if not p.is_file():
+        raise ManifestError(f"{p} is not a file; give the path of a dataset manifest (JSON) or a dataset id")
     try:
         raw = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ManifestError(f"{p}: not valid JSON ({e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"could not read manifest {p}: {getattr(e, 'strerror', None) or e}") from None
     return parse_manifest(raw, where=str(p))
 
 

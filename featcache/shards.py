@@ -115,16 +115,19 @@ class Progress:
         self.mine = self.files[rank]
         self._last = 0.0
 
-    def report(self, count: int, force: bool = False) -> None:
+    def report(self, count: int, force: bool = False) -> bool:
+        """Write this rank's count, at most once a second (or now, with `force`); True when it did."""
         now = time.monotonic()
-        if force or now - self._last >= 1.0:
-            self._last = now
-            tmp = self.mine.with_suffix(".progress.tmp")
-            try:
-                tmp.write_text(str(count))
-                os.replace(tmp, self.mine)
-            except OSError:  # progress is a courtesy: a full disk must not stop the extraction here
-                pass
+        if not force and now - self._last < 1.0:
+            return False
+        self._last = now
+        tmp = self.mine.with_suffix(".progress.tmp")
+        try:
+            tmp.write_text(str(count))
+            os.replace(tmp, self.mine)
+        except OSError:  # progress is a courtesy: a full disk must not stop the extraction here
+            pass
+        return True
 
     def total(self) -> int:
         n = 0

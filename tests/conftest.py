@@ -122,6 +122,10 @@ def pre_store(tmp_path_factory, tiny) -> Path:
                    augment_views=2, dtype="float32")  # fmt: skip
 
 
+class NotATensor:
+    """A plain Python object: torch.save pickles it by reference, and weights_only loading must refuse it."""
+
+
 def flip_chunk_bytes(path: Path, dataset: str, at: int = 8) -> None:
     """Corrupt four bytes inside the first chunk of an HDF5 dataset (what a bad disk sector does)."""
     import h5py

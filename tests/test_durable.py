@@ -5,9 +5,11 @@ import errno
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import NotATensor
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -101,10 +103,6 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path):
     assert p.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["state.pt"]
 
 
-class NotATensor:  # module level, so torch.save can pickle it by reference
-    pass
-
-
 @pytest.mark.parametrize("damage", ["truncated", "empty", "custom-class"])
 def test_damaged_state_file_is_one_line(tmp_path, damage):
     p = tmp_path / "state.pt"
@@ -119,6 +117,13 @@ def test_damaged_state_file_is_one_line(tmp_path, damage):
     msg = _one_line(e)
     assert msg.startswith(f"{p} is not a readable featcache state file (") and msg.endswith("delete it and refit")
     assert "weights_only" not in msg
+
+
+def test_atomic_write_refuses_a_folder(tmp_path):
+    for target in (tmp_path, Path("/")):
+        with pytest.raises(FeatcacheError, match="is a folder; give the path of a file to write"):
+            atomic_write(target, lambda f: f.write(b"x"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_broken_json_is_one_line(tmp_path):

@@ -112,6 +112,11 @@ def test_user_manifest_by_path_and_bad_json(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_manifest(p)
+    p.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ManifestError, match="could not read manifest"):
+        load_manifest(p)
+    with pytest.raises(ManifestError, match="is not a file; give the path of a dataset manifest"):
+        load_manifest(tmp_path)
 
 
 def test_hash_changes_with_content():

@@ -15,17 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import flip_chunk_bytes
+from conftest import NotATensor, flip_chunk_bytes
 from typer.testing import CliRunner
 
 from cli.main import app
 
 TINY = "featcache-tiny/random"
 runner = CliRunner()
-
-
-class NotATensor:  # module level, so torch.save pickles it by reference: weights_only loading must refuse it
-    pass
 
 
 def _tree(root: Path, skip: Path) -> dict[str, str]:
