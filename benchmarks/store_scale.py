@@ -12,7 +12,6 @@ chunk size), so the cost per row read is visible. Also prints the store sizes pe
 
 import argparse
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -105,9 +104,7 @@ with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
                     nbytes = touched * rows_per_chunk * 2 * args.dim
             print(f"  {mode:4s} {what:13s} {n_read:>9,} rows  {t:7.3f} s  reads {nbytes / 2**20:8.1f} MiB  "
                   f"({t / max(1, n_read) * 1e6:6.2f} us/row)  [{load()}]")  # fmt: skip
-    random.seed(0)
 
-mb = 2**20
 print("store size per million images (D = 512, features only; labels and ids add about 0.03 GB):")
 for dtype, b in (("float16", 2), ("float32", 4)):
     print(f"  {dtype}: {1e6 * 512 * b / 1e9:.2f} GB; with V augmented views x(1+V); with raw norms +0.004 GB x(1+V); "

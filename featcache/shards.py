@@ -23,7 +23,6 @@ barriers (shards done; store assembled), with a long timeout: ranks finish their
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import re
 import time
@@ -35,8 +34,6 @@ import torch
 
 from .errors import StoreError
 from .store import StoreWriter, _decode, partial_path, read_checked
-
-log = logging.getLogger(__name__)
 
 COPY_ROWS = 65_536  # rows per copied block at assembly: bounded memory for any split size
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)  # a rank may wait for the slowest share of a huge split
